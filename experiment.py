@@ -1,0 +1,913 @@
+"""Train small transformers on algorithmic data and watch them grok.
+
+Usage:
+    python experiment.py --out_dir=run_0                      # the full default experiment
+    python experiment.py --out_dir=run_t --ops=x_plus_y --seeds=1 --steps=300 --capture_every=100
+    python experiment.py --help                               # every flag, with its meaning
+
+Writes run_dir/final_info.json in the schema of the AI-Scientist grokking
+template, plus per-(op, seed) logs, example tables and activation snapshots
+(see README.md, "Outputs"). Running the same command again resumes.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import typing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OPS = ("x_div_y", "x_minus_y", "x_plus_y", "permutation")
+MODELS = ("transformer", "gpt2")
+DTYPES = ("fp32", "bf16")
+# The plugins every run gets. Edit this list (names from BUILTIN_PLUGINS or
+# paths to .py files) or add more per run with --plugins=...
+DEFAULT_PLUGINS = ["capture"]
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    """One experiment. The defaults are the AI-Scientist grokking template's."""
+
+    out_dir: str = "run_0"  # where every result goes; rerunning on it resumes
+    ops: tuple[str, ...] = OPS  # comma-separated: x_div_y, x_minus_y, x_plus_y, permutation
+    seeds: int = 3  # seeds per op: 0 .. seeds-1
+    p: int = 97  # modulus of the modular ops (prime when x_div_y is run)
+    perm_k: int = 5  # permutation op: the group S_k
+    train_frac: float = 0.5  # share of all pairs used for training
+    steps: int = 7500  # optimizer updates
+    batch_size: int = 512  # training pairs per update, sampled with replacement
+    lr: float = 1e-3  # AdamW peak learning rate
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.98  # AdamW beta2
+    weight_decay: float = 0.5  # AdamW decoupled weight decay
+    warmup_steps: int = 50  # linear warm-up from 0, then constant
+    eval_every: int = 10  # updates between evaluations on the whole validation set
+    model: str = "transformer"  # transformer (the template's) or gpt2 (transformers' GPT2Model)
+    num_layers: int = 2  # decoder blocks
+    d_model: int = 128  # residual width
+    n_heads: int = 4  # attention heads
+    dtype: str = "fp32"  # fp32, or bf16 autocast for the matrix multiplies
+    device: str = "auto"  # auto (cuda when present), cpu or cuda
+    plugins: tuple[str, ...] = ()  # extra plugins: builtin names or paths to .py files
+    capture: bool = True  # run the activation-capture plugin
+    capture_every: int = 1000  # capture a snapshot every this many updates (and at 0 and the end)
+    capture_thresholds: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99)  # also capture when val acc first exceeds these
+    capture_dtype: str = "float16"  # float16 or float32
+    grokfast_alpha: float = 0.98  # grokfast plugin: EMA decay of the gradient
+    grokfast_lamb: float = 2.0  # grokfast plugin: weight of the EMA added to the gradient
+    fourier_topk: int = 5  # fourier plugin: how many key frequencies
+    rqi_tol: float = 0.1  # rqi plugin: relative tolerance for a parallelogram to close
+    workers: int = 0  # parallel (op, seed) processes; 0 = one per 2 cores (at least 1)
+    threads: int = 0  # torch threads per process; 0 = cores / workers
+    overwrite: bool = False  # discard results in out_dir made with another config
+    progress: str = "auto"  # auto (a bar on a terminal, plain lines otherwise), bar, lines or none
+
+
+# Fields that never change a number, so a resumed run may change them freely.
+RUNTIME_FIELDS = ("out_dir", "workers", "threads", "overwrite", "progress", "device")
+
+
+class UsageError(Exception):
+    """Bad input from the user: one line on stderr, exit code 2."""
+
+
+class PluginError(Exception):
+    """A plugin raised; the message names the plugin, the hook and the step."""
+
+
+def is_prime(n: int) -> bool:
+    return n >= 2 and all(n % k for k in range(2, math.isqrt(n) + 1))
+
+
+def validate(cfg: Config) -> None:
+    """Raise UsageError naming the first problem in cfg. Creates nothing."""
+    bad = [op for op in cfg.ops if op not in OPS]
+    if bad or not cfg.ops:
+        raise UsageError(f"unknown op {','.join(bad) or '(none)'}: choose from {','.join(OPS)}")
+    if len(set(cfg.ops)) != len(cfg.ops):
+        raise UsageError(f"--ops lists an op twice: {','.join(cfg.ops)}")
+    if cfg.p < 3:
+        raise UsageError(f"--p={cfg.p}: the modulus must be at least 3")
+    if "x_div_y" in cfg.ops and not is_prime(cfg.p):
+        raise UsageError(f"--p={cfg.p} is not prime; x_div_y needs a prime modulus (e.g. 97)")
+    if not 0 < cfg.train_frac < 1:
+        raise UsageError(f"--train_frac={cfg.train_frac} must lie strictly between 0 and 1")
+    for name in ("steps", "seeds", "batch_size", "eval_every", "num_layers", "d_model", "n_heads", "capture_every"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name}={getattr(cfg, name)} must be at least 1")
+    if not 2 <= cfg.perm_k <= 6:
+        raise UsageError(f"--perm_k={cfg.perm_k} must be between 2 and 6")
+    if cfg.d_model % cfg.n_heads:
+        raise UsageError(f"--d_model={cfg.d_model} must be divisible by --n_heads={cfg.n_heads}")
+    for name in ("lr", "weight_decay", "warmup_steps", "workers", "threads", "rqi_tol"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name}={getattr(cfg, name)} must not be negative")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and 0 <= cfg.grokfast_alpha < 1):
+        raise UsageError("--beta1, --beta2 and --grokfast_alpha must lie in [0, 1)")
+    if cfg.model not in MODELS:
+        raise UsageError(f"--model={cfg.model}: choose from {','.join(MODELS)}")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype={cfg.dtype}: choose from {','.join(DTYPES)}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device={cfg.device}: choose from auto, cpu, cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device=cuda but no CUDA device is available")
+    if cfg.capture_dtype not in ("float16", "float32"):
+        raise UsageError(f"--capture_dtype={cfg.capture_dtype}: choose float16 or float32")
+    if any(not 0 < t < 1 for t in cfg.capture_thresholds):
+        raise UsageError("--capture_thresholds must lie strictly between 0 and 1")
+    if cfg.progress not in ("auto", "bar", "lines", "none"):
+        raise UsageError(f"--progress={cfg.progress}: choose from auto, bar, lines, none")
+    if cfg.fourier_topk < 1:
+        raise UsageError(f"--fourier_topk={cfg.fourier_topk} must be at least 1")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise UsageError(f"--out_dir={cfg.out_dir} is an existing file, not a folder")
+    existing = os.path.abspath(cfg.out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out_dir={cfg.out_dir} cannot be written ({existing} is not a writable folder)")
+    plugin_classes(cfg)  # raises UsageError for an unknown plugin or a broken plugin file
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _flag_type(annotation):
+    """argparse type for a Config annotation: int, float, str, bool or tuple[X, ...]."""
+    if annotation is bool:
+        return _parse_bool
+    if typing.get_origin(annotation) is tuple:
+        (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
+
+        def parse_list(text):
+            return tuple(item(part) for part in text.split(",") if part.strip())
+
+        parse_list.__name__ = f"comma-separated {item.__name__} list"
+        return parse_list
+    return annotation
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse_args(argv=None) -> Config:
+    """Every Config field is a flag (--field=value or --field value). Exits 2 on bad input."""
+    comments = _field_comments()
+    parser = _OneLineParser(
+        prog="experiment.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(f"--{f.name}", type=_flag_type(hints[f.name]), default=default,
+                            metavar=hints[f.name].__name__.upper() if isinstance(hints[f.name], type) else "LIST",
+                            help=f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%"))
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    try:
+        cfg = Config(**vars(parser.parse_args(argv)))
+        validate(cfg)
+    except UsageError as e:
+        print(f"experiment.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return cfg
+
+
+def _field_comments() -> dict:
+    """The trailing '# ...' comment of each Config field, for --help."""
+    import inspect
+
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            comments[name] = rest.split("#", 1)[1].strip()
+    return comments
+
+
+def resolved_workers(cfg: Config, n_jobs: int) -> tuple[int, int]:
+    """(processes, torch threads per process) for n_jobs independent (op, seed) pairs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = cfg.workers or max(1, cores // 2)
+    if device_of(cfg).type == "cuda":
+        workers = cfg.workers or 1
+    workers = max(1, min(workers, n_jobs))
+    threads = cfg.threads or max(1, cores // workers)
+    return workers, threads
+
+
+def device_of(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def derived_seeds(seed: int) -> dict:
+    """Independent seeds for the split, the initialisation and the batch order."""
+    return {"split_seed": seed, "init_seed": 1337 + seed, "batch_seed": 2**20 + seed}
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Task:
+    """Every pair of one op as tensors. Row i of x/y is pair (a[i], b[i])."""
+
+    op: str
+    x: torch.Tensor  # (n_pairs, 4) int64 tokens [a, "o", b, "="]
+    y: torch.Tensor  # (n_pairs,) int64 answer class
+    a: torch.Tensor  # (n_pairs,) index of the left operand among the elements
+    b: torch.Tensor  # (n_pairs,) index of the right operand among the elements
+    n_vocab: int
+    n_classes: int
+    elements: list  # class index -> element (int residue or permutation tuple)
+
+
+def make_task(op: str, p: int = 97, perm_k: int = 5) -> Task:
+    """All pairs of `op`; vocabulary = ["o", "="] + the elements, class = element index."""
+    if op == "permutation":
+        elements = list(itertools.permutations(range(perm_k)))
+        perms = torch.tensor(elements)  # (n, k)
+        n = len(elements)
+        a, b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        a, b = a.reshape(-1), b.reshape(-1)
+        composed = torch.gather(perms[a], 1, perms[b])  # (a o b)[i] = a[b[i]]
+        # Rank of each permutation in lexicographic order (= its index in `elements`).
+        radix = torch.tensor([math.factorial(perm_k - 1 - i) for i in range(perm_k)])
+        smaller_later = (composed.unsqueeze(2) > composed.unsqueeze(1)).triu(1).sum(2)  # (n*n, k)
+        y = (smaller_later * radix).sum(1)
+    else:
+        elements = list(range(p))
+        first = torch.arange(p)
+        second = torch.arange(1, p) if op == "x_div_y" else torch.arange(p)
+        a, b = torch.meshgrid(first, second, indexing="ij")
+        a, b = a.reshape(-1), b.reshape(-1)
+        if op == "x_plus_y":
+            y = (a + b) % p
+        elif op == "x_minus_y":
+            y = (a - b) % p
+        elif op == "x_div_y":
+            inverse = torch.tensor([pow(int(v), p - 2, p) for v in range(p)])
+            y = (a * inverse[b]) % p
+        else:
+            raise ValueError(f"unknown op {op}")
+        n = p
+    x = torch.stack([a + 2, torch.zeros_like(a), b + 2, torch.ones_like(a)], dim=1)
+    return Task(op, x, y, a, b, n_vocab=n + 2, n_classes=n, elements=elements)
+
+
+def split_pairs(n_pairs: int, train_frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random split of range(n_pairs) into sorted (train, val) index tensors."""
+    order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed))
+    n_train = int(n_pairs * train_frac)
+    return order[:n_train].sort().values, order[n_train:].sort().values
+
+
+# ----------------------------------------------------------------------------- model
+class Block(nn.Module):
+    """Post-LN decoder block of the template: x = LN(x + attn(x)); x = LN(x + FFN(x)).
+
+    With last_only, queries, the output projection and the FFN run for the last
+    position alone (all a causal model's answer needs); keys and values still
+    come from every position.
+    """
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.ffn_norm = nn.LayerNorm(d_model)
+        # nn.MultiheadAttention's initialisation, as in the template.
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        batch, seq, d_model = x.shape  # (batch, seq, d_model)
+        heads, head_dim = self.n_heads, d_model // self.n_heads
+        if last_only:
+            w_q, w_kv = self.qkv.weight.split([d_model, 2 * d_model])
+            b_q, b_kv = self.qkv.bias.split([d_model, 2 * d_model])
+            x_last = x[:, -1:]  # (batch, 1, d_model)
+            q = F.linear(x_last, w_q, b_q)
+            k, v = F.linear(x, w_kv, b_kv).split(d_model, dim=-1)
+            q_len, residual = 1, x_last
+        else:
+            q, k, v = self.qkv(x).split(d_model, dim=-1)
+            q_len, residual = seq, x
+        q = q.view(batch, q_len, heads, head_dim).transpose(1, 2)
+        k = k.view(batch, seq, heads, head_dim).transpose(1, 2)
+        v = v.view(batch, seq, heads, head_dim).transpose(1, 2)
+        if last_only:  # the last query sees every position
+            attn = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attn = attn.transpose(1, 2).reshape(batch, q_len, d_model)
+        h = self.attn_norm(residual + self.out(attn))
+        return self.ffn_norm(h + self.ffn(h))  # (batch, q_len, d_model)
+
+
+class Transformer(nn.Module):
+    """The template's model: embeddings -> blocks -> LayerNorm -> linear head, read at the last position."""
+
+    def __init__(self, n_vocab: int, n_classes: int, num_layers: int = 2, d_model: int = 128,
+                 n_heads: int = 4, seq_len: int = 4):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(n_vocab, d_model)
+        self.position_embeddings = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n_classes)
+        self.capture_modules = {"first": "blocks.0", "last": f"blocks.{num_layers - 1}"}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.token_embeddings(tokens) + self.position_embeddings.weight[: tokens.shape[1]]
+        for i, block in enumerate(self.blocks):
+            h = block(h, last_only=i == len(self.blocks) - 1)
+        return self.head(self.norm(h[:, -1]))  # (batch, n_classes)
+
+    def token_embedding_matrix(self) -> torch.Tensor:
+        return self.token_embeddings.weight
+
+
+class GPT2Classifier(nn.Module):
+    """A transformers GPT2Model built from a config (no download), read at the last position."""
+
+    def __init__(self, n_vocab: int, n_classes: int, num_layers: int = 2, d_model: int = 128,
+                 n_heads: int = 4, seq_len: int = 4):
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+
+        config = GPT2Config(vocab_size=n_vocab, n_positions=seq_len, n_embd=d_model, n_layer=num_layers,
+                            n_head=n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+        self.gpt2 = GPT2Model(config)
+        self.head = nn.Linear(d_model, n_classes)
+        self.capture_modules = {"first": "gpt2.h.0", "last": f"gpt2.h.{num_layers - 1}"}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.gpt2(input_ids=tokens).last_hidden_state  # (batch, seq, d_model), after ln_f
+        return self.head(hidden[:, -1])
+
+    def token_embedding_matrix(self) -> torch.Tensor:
+        return self.gpt2.wte.weight
+
+
+def build_model(cfg: Config, task: Task) -> nn.Module:
+    cls = GPT2Classifier if cfg.model == "gpt2" else Transformer
+    return cls(task.n_vocab, task.n_classes, cfg.num_layers, cfg.d_model, cfg.n_heads, seq_len=task.x.shape[1])
+
+
+# ----------------------------------------------------------------------------- files
+def atomic_write(path: str, write) -> None:
+    """Call write(tmp_path), then rename over path: a crash never leaves a half file."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.partial-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    atomic_write(path, write)
+
+
+def write_jsonl(path: str, rows: list) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    atomic_write(path, write)
+
+
+def write_examples(path: str, task: Task, train_idx: torch.Tensor) -> None:
+    """The example table: one row per pair, rows aligned with every snapshot."""
+    from datasets import Dataset
+
+    split = np.full(len(task.y), "val", dtype=object)
+    split[train_idx.numpy()] = "train"
+    table = Dataset.from_dict({
+        "pair": np.arange(len(task.y)),
+        "a": task.a.numpy(),
+        "b": task.b.numpy(),
+        "label": task.y.numpy(),
+        "split": split.tolist(),
+    })
+    atomic_write(path, lambda tmp: table.to_parquet(tmp))
+
+
+def remove_partials(folder: str) -> None:
+    """Delete temporary files left by a killed run (never a finished file)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if ".partial-" in name:
+                os.remove(os.path.join(root, name))
+
+
+# ----------------------------------------------------------------------------- hooks and plugins
+class Plugin:
+    """Base class of plugins: override the hooks you need. `run` is the Run below."""
+
+    name = "plugin"
+
+    def on_train_begin(self, run): ...
+
+    def on_after_backward(self, run, step): ...  # gradients exist; the update has not happened
+
+    def on_step_end(self, run, step): ...  # after update number `step` (1-based)
+
+    def on_eval(self, run, step, metrics): ...  # keys added to `metrics` go into the log
+
+    def on_train_end(self, run, final_info): ...  # keys added to `final_info` are saved with it
+
+
+class forward_hooks:
+    """Context manager: forward hooks on modules named by dotted path, removed in finally.
+
+    with forward_hooks(model, {"blocks.0": fn}) as handles: ...
+    fn(name, module, inputs, output) is called for each forward of that module.
+    """
+
+    def __init__(self, model: nn.Module, hooks: dict):
+        self.model, self.hooks, self.handles = model, hooks, []
+
+    def __enter__(self):
+        try:
+            for name, fn in self.hooks.items():
+                module = self.model.get_submodule(name)
+                self.handles.append(module.register_forward_hook(
+                    lambda mod, inputs, output, name=name, fn=fn: fn(name, mod, inputs, output)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self.handles
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return False
+
+
+def count_forward_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+@torch.inference_mode()
+def capture_activations(model: nn.Module, x: torch.Tensor, module_names: list, chunk: int = 8192) -> dict:
+    """Each named module's output at the last position for every row of x: {name: (n, d_model)}.
+
+    Runs in eval mode with no gradients and no random numbers, then restores the
+    module's mode, so the training trajectory is unchanged.
+    """
+    outputs = {name: [] for name in module_names}
+
+    def keep(name, module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output  # (batch, seq, d_model)
+        outputs[name].append(hidden[:, -1].float().cpu())
+
+    was_training = model.training
+    model.eval()
+    try:
+        with forward_hooks(model, {name: keep for name in module_names}):
+            for start in range(0, len(x), chunk):
+                model(x[start:start + chunk])
+    finally:
+        model.train(was_training)
+    return {name: torch.cat(parts) for name, parts in outputs.items()}
+
+
+class ActivationCapture(Plugin):
+    """Snapshots of the first and last block at the answer position, for every pair.
+
+    At step 0, every capture_every updates, at the last update, and when val
+    accuracy first exceeds each of capture_thresholds. One safetensors file per
+    snapshot in activations/, listed in activations/index.json.
+    """
+
+    name = "capture"
+
+    def on_train_begin(self, run):
+        from safetensors.torch import save_file
+
+        self.save_file = save_file
+        self.folder = os.path.join(run.out_dir, "activations")
+        os.makedirs(self.folder, exist_ok=True)
+        self.crossed = set()
+        modules = run.model.capture_modules
+        self.index = {"modules": modules, "layers": {v: k for k, v in modules.items()},
+                      "dtype": run.cfg.capture_dtype, "n_rows": len(run.task.y), "rows": "examples.parquet",
+                      "position": "answer (last input token)", "snapshots": []}
+        self.capture(run, 0, "init")
+
+    def on_step_end(self, run, step):
+        if step % run.cfg.capture_every == 0:
+            self.capture(run, step, "periodic")
+        if step == run.cfg.steps:
+            self.capture(run, step, "final")
+
+    def on_eval(self, run, step, metrics):
+        for threshold in run.cfg.capture_thresholds:
+            if threshold not in self.crossed and metrics["val_acc"] > threshold:
+                self.crossed.add(threshold)
+                self.capture(run, step, f"val_acc>{threshold}")
+        snapshots = self.index["snapshots"]
+        if snapshots and snapshots[-1]["step"] == step and "val_acc" not in snapshots[-1]:
+            snapshots[-1]["val_acc"] = metrics["val_acc"]
+            write_json(os.path.join(self.folder, "index.json"), self.index)
+
+    def capture(self, run, step, reason):
+        snapshots = self.index["snapshots"]
+        if snapshots and snapshots[-1]["step"] == step:  # one file per step, several reasons
+            snapshots[-1]["reasons"].append(reason)
+        else:
+            names = list(self.index["modules"].values())
+            acts = capture_activations(run.model, run.task.x.to(run.device), names)
+            dtype = getattr(torch, run.cfg.capture_dtype)
+            tensors = {name: t.to(dtype).contiguous() for name, t in acts.items()}
+            file = f"step_{step:06d}.safetensors"
+            atomic_write(os.path.join(self.folder, file),
+                         lambda tmp: self.save_file(tensors, tmp, metadata={"step": str(step)}))
+            snapshots.append({"step": step, "file": file, "reasons": [reason]})
+        write_json(os.path.join(self.folder, "index.json"), self.index)
+
+
+BUILTIN_PLUGINS = {"capture": ActivationCapture}
+
+
+def load_plugin_file(path: str) -> list:
+    """The Plugin subclasses defined in a user's .py file."""
+    if not os.path.isfile(path):
+        raise UsageError(f"plugin file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"user_plugin_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise UsageError(f"plugin file {path} failed to load: {type(e).__name__}: {e}")
+    found = [obj for obj in vars(module).values()
+             if isinstance(obj, type) and issubclass(obj, Plugin) and obj is not Plugin
+             and obj.__module__ == module.__name__]
+    if not found:
+        raise UsageError(f"plugin file {path} defines no subclass of experiment.Plugin")
+    return found
+
+
+def plugin_classes(cfg: Config) -> list:
+    """The plugin classes of a run: DEFAULT_PLUGINS (capture only if cfg.capture), then cfg.plugins."""
+    specs = [s for s in DEFAULT_PLUGINS if cfg.capture or s != "capture"] + list(cfg.plugins)
+    classes = []
+    for spec in specs:
+        if spec.endswith(".py"):
+            classes += load_plugin_file(spec)
+        elif spec in BUILTIN_PLUGINS:
+            classes.append(BUILTIN_PLUGINS[spec])
+        else:
+            raise UsageError(f"unknown plugin {spec!r}: give a builtin ({','.join(BUILTIN_PLUGINS)}) or a .py file")
+    return list(dict.fromkeys(classes))
+
+
+class Run:
+    """What plugins see of one (op, seed) training run."""
+
+    def __init__(self, cfg, op, seed, out_dir, task, train_idx, val_idx, model, optimizer, device):
+        self.cfg, self.op, self.seed, self.out_dir = cfg, op, seed, out_dir
+        self.task, self.train_idx, self.val_idx = task, train_idx, val_idx
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.step = 0
+        self.history = []  # one dict per evaluation, as in log.jsonl
+
+
+class PluginHooks:
+    """Calls each hook only on the plugins that override it; wraps failures in PluginError."""
+
+    HOOKS = ("on_train_begin", "on_after_backward", "on_step_end", "on_eval", "on_train_end")
+
+    def __init__(self, plugins: list):
+        for hook in self.HOOKS:
+            users = [p for p in plugins if getattr(type(p), hook) is not getattr(Plugin, hook)]
+            setattr(self, hook, self._caller(hook, users) if users else None)
+
+    @staticmethod
+    def _caller(hook, users):
+        def call(run, *args):
+            for plugin in users:
+                try:
+                    getattr(plugin, hook)(run, *args)
+                except Exception as e:
+                    raise PluginError(f"plugin {plugin.name!r} ({type(plugin).__name__}) failed in {hook} "
+                                      f"at step {run.step} of {run.op} seed {run.seed}: {type(e).__name__}: {e}") from e
+
+        return call
+
+
+# ----------------------------------------------------------------------------- train / eval
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple[float, float]:
+    """(loss, accuracy) over all of x in one pass."""
+    model.eval()
+    with autocast():
+        logits = model(x).float()
+    model.train()
+    loss = F.cross_entropy(logits, y)
+    acc = (logits.argmax(-1) == y).float().mean()
+    return loss.item(), acc.item()
+
+
+def pair_dir(cfg: Config, op: str, seed: int) -> str:
+    return os.path.join(cfg.out_dir, f"{op}_{seed}")
+
+
+def final_info_path(cfg: Config, op: str, seed: int) -> str:
+    return os.path.join(cfg.out_dir, f"final_info_{op}_{seed}.json")
+
+
+def train_one(cfg: Config, op: str, seed: int, report=None) -> dict:
+    """Train one (op, seed) pair; write its folder, then final_info_{op}_{seed}.json. Returns the record."""
+    device = device_of(cfg)
+    seeds = derived_seeds(seed)
+    out_dir = pair_dir(cfg, op, seed)
+    if os.path.exists(out_dir):  # an unfinished earlier attempt: start over
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+
+    task = make_task(op, cfg.p, cfg.perm_k)
+    train_idx, val_idx = split_pairs(len(task.y), cfg.train_frac, seeds["split_seed"])
+    write_examples(os.path.join(out_dir, "examples.parquet"), task, train_idx)
+    x_train, y_train = task.x[train_idx].to(device), task.y[train_idx].to(device)
+    x_val, y_val = task.x[val_idx].to(device), task.y[val_idx].to(device)
+
+    torch.manual_seed(seeds["init_seed"])
+    model = build_model(cfg, task).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay)
+    # The template's schedule: update s (1-based) uses lr * min((s - 1) / warmup, 1).
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(s / warmup, 1.0) if warmup else 1.0)
+    batch_gen = torch.Generator(device=device).manual_seed(seeds["batch_seed"])
+    if cfg.dtype == "bf16":
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+    else:
+        from contextlib import nullcontext as autocast
+
+    run = Run(cfg, op, seed, out_dir, task, train_idx, val_idx, model, optimizer, device)
+    hooks = PluginHooks([cls() for cls in plugin_classes(cfg)])
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if hooks.on_train_begin:
+        hooks.on_train_begin(run)
+
+    n_train = len(y_train)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    step_val_acc_99 = None
+    start = time.perf_counter()
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        run.step = step
+        lr_used = scheduler.get_last_lr()[0]
+        batch = torch.randint(n_train, (cfg.batch_size,), device=device, generator=batch_gen)
+        xb, yb = x_train[batch], y_train[batch]
+        with autocast():
+            logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if hooks.on_after_backward:
+            hooks.on_after_backward(run, step)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(-1) == yb).sum()
+        seen += 1
+        if hooks.on_step_end:
+            hooks.on_step_end(run, step)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val_loss, val_acc = evaluate(model, x_val, y_val, autocast)
+            metrics = {"step": step, "train_loss": loss_sum.item() / seen,
+                       "train_acc": correct.item() / (seen * cfg.batch_size),
+                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr_used}
+            loss_sum.zero_(), correct.zero_()
+            seen = 0
+            if step_val_acc_99 is None and val_acc > 0.99:
+                step_val_acc_99 = step
+            if hooks.on_eval:
+                hooks.on_eval(run, step, metrics)
+            run.history.append(metrics)
+            if report:
+                report(op, seed, step, metrics)
+            if step % cfg.capture_every == 0:  # keep the log of a long run readable while it trains
+                write_jsonl(log_path, run.history)
+    last = run.history[-1]
+    final_info = {
+        "final_train_loss": last["train_loss"],
+        "final_val_loss": last["val_loss"],
+        "final_train_acc": last["train_acc"],
+        "final_val_acc": last["val_acc"],
+        # The template's convention: never reached -> the step budget; `grokked` says which.
+        "step_val_acc_99": step_val_acc_99 if step_val_acc_99 is not None else cfg.steps,
+        "grokked": step_val_acc_99 is not None,
+    }
+    if hooks.on_train_end:
+        hooks.on_train_end(run, final_info)
+    write_jsonl(log_path, run.history)
+    record = {"op": op, "seed": seed, **seeds, "final_info": final_info,
+              "train_seconds": time.perf_counter() - start, "device": str(device),
+              "threads": torch.get_num_threads(), "log": run.history}
+    write_json(os.path.join(out_dir, "run.json"), {k: v for k, v in record.items() if k != "log"})
+    write_json(final_info_path(cfg, op, seed), final_info)  # written last: marks the pair finished
+    return record
+
+
+# ----------------------------------------------------------------------------- main
+def summarize(final_infos: list) -> dict:
+    """The template's per-op block: means, stderrs (ddof=1 std / sqrt(n)) and per-seed lists."""
+    keys = ["final_train_loss", "final_val_loss", "final_train_acc", "final_val_acc", "step_val_acc_99"]
+    per_seed = {k: [info[k] for info in final_infos] for k in keys}
+    n = len(final_infos)
+    means = {f"{k}_mean": float(np.mean(v)) for k, v in per_seed.items()}
+    stderrs = {f"{k}_stderr": float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else 0.0 for k, v in per_seed.items()}
+    per_seed["grokked"] = [bool(info["grokked"]) for info in final_infos]
+    return {"means": means, "stderrs": stderrs, "final_info_dict": per_seed}
+
+
+def config_dict(cfg: Config) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def prepare_out_dir(cfg: Config) -> list:
+    """Check a saved config, clean up a killed run, and return the (op, seed) pairs still to train."""
+    saved_path = os.path.join(cfg.out_dir, "config.json")
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
+        now = config_dict(cfg)
+        changed = sorted(k for k in set(saved) | set(now)
+                         if k not in RUNTIME_FIELDS and saved.get(k) != now.get(k))
+        if changed and not cfg.overwrite:
+            raise UsageError(f"{cfg.out_dir} holds results of another config (differs in {', '.join(changed)}); "
+                             "pass --overwrite to discard them or choose another --out_dir")
+        if changed:
+            for name in os.listdir(cfg.out_dir):
+                path = os.path.join(cfg.out_dir, name)
+                if name.startswith("final_info") or name.startswith("all_results") or name == "config.json":
+                    os.remove(path)
+                elif os.path.isdir(path) and any(name.startswith(f"{op}_") for op in OPS):
+                    shutil.rmtree(path)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    remove_partials(cfg.out_dir)
+    write_json(saved_path, config_dict(cfg))
+    return [(op, seed) for op in cfg.ops for seed in range(cfg.seeds)
+            if not os.path.exists(final_info_path(cfg, op, seed))]
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a plain line per pair and about every 1000 steps."""
+
+    def __init__(self, cfg: Config, total_steps: int):
+        mode = cfg.progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode, self.cfg = mode, cfg
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+    def line(self, text: str) -> None:
+        if self.mode == "none":
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def __call__(self, op, seed, step, metrics):
+        if self.bar is not None:
+            self.bar.update(self.cfg.eval_every if step % self.cfg.eval_every == 0 else step % self.cfg.eval_every)
+            self.bar.set_postfix_str(f"{op} seed {seed} val_acc {metrics['val_acc']:.3f}", refresh=False)
+        elif self.mode == "lines" and (step % 1000 == 0 or step == self.cfg.steps):
+            self.line(f"{op} seed {seed}: step {step}/{self.cfg.steps} train_acc {metrics['train_acc']:.3f} "
+                      f"val_acc {metrics['val_acc']:.3f}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _train_in_worker(cfg: Config, op: str, seed: int) -> dict:
+    progress = Progress(dataclasses.replace(cfg, progress="lines" if cfg.progress != "none" else "none"), 0)
+    return train_one(cfg, op, seed, report=progress)
+
+
+def main(cfg: Config) -> dict:
+    todo = prepare_out_dir(cfg)
+    pairs = [(op, seed) for op in cfg.ops for seed in range(cfg.seeds)]
+    workers, threads = resolved_workers(cfg, max(1, len(todo)))
+    progress = Progress(cfg, cfg.steps * len(todo))
+    for op, seed in pairs:
+        if (op, seed) not in todo:
+            progress.line(f"{op} seed {seed}: already finished in {cfg.out_dir}, skipped")
+    progress.line(f"training {len(todo)} (op, seed) pairs on {device_of(cfg)} with {workers} worker(s) "
+                  f"x {threads} thread(s) into {cfg.out_dir}")
+    start = time.perf_counter()
+    try:
+        if workers == 1:
+            torch.set_num_threads(threads)
+            for op, seed in todo:
+                progress.line(f"{op} seed {seed}: start")
+                record = train_one(cfg, op, seed, report=progress)
+                progress.line(f"{op} seed {seed}: done in {record['train_seconds']:.0f}s, "
+                              f"final val_acc {record['final_info']['final_val_acc']:.3f}")
+        else:
+            ctx = get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+                futures = {pool.submit(_train_in_worker, cfg, op, seed): (op, seed) for op, seed in todo}
+                for future in futures:
+                    op, seed = futures[future]
+                    record = future.result()
+                    progress.line(f"{op} seed {seed}: done in {record['train_seconds']:.0f}s, "
+                                  f"final val_acc {record['final_info']['final_val_acc']:.3f}")
+    finally:
+        progress.close()
+
+    results, all_results = {}, {}
+    for op in cfg.ops:
+        infos = []
+        for seed in range(cfg.seeds):
+            with open(final_info_path(cfg, op, seed)) as f:
+                info = json.load(f)
+            with open(os.path.join(pair_dir(cfg, op, seed), "log.jsonl")) as f:
+                log = [json.loads(line) for line in f]
+            infos.append(info)
+            all_results[f"{op}_{seed}_final_info"] = info
+            all_results[f"{op}_{seed}_train_info"] = [
+                {"step": r["step"], "train_loss": r["train_loss"], "train_accuracy": r["train_acc"]} for r in log]
+            all_results[f"{op}_{seed}_val_info"] = [
+                {"step": r["step"], "val_loss": r["val_loss"], "val_accuracy": r["val_acc"]} for r in log]
+        results[op] = summarize(infos)
+    write_json(os.path.join(cfg.out_dir, "all_results.json"), all_results)
+    # The template's pickle, for its old plotting scripts; this project never reads it.
+    def write_npy(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, np.array(all_results, dtype=object), allow_pickle=True)
+
+    atomic_write(os.path.join(cfg.out_dir, "all_results.npy"), write_npy)
+    write_json(os.path.join(cfg.out_dir, "final_info.json"), results)
+    progress.line(f"finished in {time.perf_counter() - start:.0f}s: {os.path.join(cfg.out_dir, 'final_info.json')}")
+    return results
+
+
+if __name__ == "__main__":
+    config = parse_args()
+    try:
+        main(config)
+    except UsageError as e:
+        print(f"experiment.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except PluginError as e:
+        print(f"experiment.py: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        print(f"experiment.py: interrupted; finished (op, seed) pairs are kept in {config.out_dir}, "
+              "run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130)
