@@ -1,0 +1,36 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A tiny run: seconds on a 2-core CPU.
+TINY = ["--ops=x_plus_y,permutation", "--seeds=2", "--steps=60", "--capture_every=20", "--p=11",
+        "--perm_k=3", "--batch_size=64", "--d_model=32", "--eval_every=10"]
+
+
+def run_script(script, args, cwd, timeout=600, check=True):
+    """Run a project script as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny experiment shared by the read-only tests."""
+    cwd = tmp_path_factory.mktemp("tiny")
+    run_script("experiment.py", ["--out_dir=run_0", *TINY], cwd)
+    return cwd / "run_0"

@@ -1,0 +1,192 @@
+"""Smoke tests: run experiment.py as a user would and check what it writes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY, read_json, run_script
+
+TEMPLATE_KEYS = ["final_train_loss", "final_val_loss", "final_train_acc", "final_val_acc", "step_val_acc_99"]
+
+
+def test_final_info_has_the_template_schema(tiny_run):
+    info = read_json(tiny_run / "final_info.json")
+    assert list(info) == ["x_plus_y", "permutation"]
+    for op, block in info.items():
+        assert set(block) == {"means", "stderrs", "final_info_dict"}
+        assert set(block["means"]) == {f"{k}_mean" for k in TEMPLATE_KEYS}
+        assert set(block["stderrs"]) == {f"{k}_stderr" for k in TEMPLATE_KEYS}
+        per_seed = block["final_info_dict"]
+        assert set(per_seed) == set(TEMPLATE_KEYS) | {"grokked"}
+        for key in TEMPLATE_KEYS:
+            values = np.array(per_seed[key], dtype=float)
+            assert len(values) == 2
+            assert block["means"][f"{key}_mean"] == pytest.approx(values.mean())
+            assert block["stderrs"][f"{key}_stderr"] == pytest.approx(values.std(ddof=1) / np.sqrt(2))
+        for seed in range(2):
+            assert read_json(tiny_run / f"final_info_{op}_{seed}.json")["step_val_acc_99"] == per_seed["step_val_acc_99"][seed]
+        for reached, grokked in zip(per_seed["step_val_acc_99"], per_seed["grokked"]):
+            assert grokked or reached == 60
+
+
+def test_every_output_file_is_written(tiny_run):
+    config = read_json(tiny_run / "config.json")
+    assert config["steps"] == 60 and config["ops"] == ["x_plus_y", "permutation"]
+    results = read_json(tiny_run / "all_results.json")
+    assert (tiny_run / "all_results.npy").exists()
+    for op, n_pairs in (("x_plus_y", 121), ("permutation", 36)):
+        for seed in range(2):
+            folder = tiny_run / f"{op}_{seed}"
+            log = [json.loads(line) for line in open(folder / "log.jsonl")]
+            assert [r["step"] for r in log] == list(range(10, 61, 10))
+            assert set(log[0]) >= {"step", "train_loss", "train_acc", "val_loss", "val_acc", "lr"}
+            assert results[f"{op}_{seed}_val_info"][-1]["val_accuracy"] == log[-1]["val_acc"]
+            assert results[f"{op}_{seed}_train_info"][-1]["train_loss"] == log[-1]["train_loss"]
+            import datasets
+
+            table = datasets.Dataset.from_parquet(str(folder / "examples.parquet"))
+            assert table.num_rows == n_pairs and set(table["split"]) == {"train", "val"}
+            assert table["pair"] == list(range(n_pairs))
+            index = read_json(folder / "activations" / "index.json")
+            assert index["modules"] == {"first": "blocks.0", "last": "blocks.1"}
+            steps = [s["step"] for s in index["snapshots"]]
+            assert {0, 20, 40, 60} <= set(steps) and steps == sorted(set(steps))
+            for snap in index["snapshots"]:
+                tensors = load_file(folder / "activations" / snap["file"])
+                assert set(tensors) == {"blocks.0", "blocks.1"}
+                for t in tensors.values():
+                    assert t.shape == (n_pairs, 32) and str(t.dtype) == "torch.float16"
+                    assert bool(t.float().isfinite().all())
+            assert not [n for n in os.listdir(folder) if ".partial-" in n]
+
+
+def test_same_config_gives_identical_results_with_and_without_capture(tiny_run, tmp_path):
+    run_script("experiment.py", ["--out_dir=again", *TINY], tmp_path)
+    run_script("experiment.py", ["--out_dir=no_capture", "--capture=false", "--workers=1", *TINY], tmp_path)
+    reference = read_json(tiny_run / "final_info.json")
+    assert read_json(tmp_path / "again" / "final_info.json") == reference
+    assert read_json(tmp_path / "no_capture" / "final_info.json") == reference
+    for op in ("x_plus_y", "permutation"):
+        logs = [open(folder / f"{op}_0" / "log.jsonl").read() for folder in (tiny_run, tmp_path / "no_capture")]
+        assert logs[0] == logs[1]
+    assert not (tmp_path / "no_capture" / "x_plus_y_0" / "activations").exists()
+
+
+def test_parallel_workers_match_a_sequential_run(tiny_run, tmp_path):
+    run_script("experiment.py", ["--out_dir=seq", "--workers=1", *TINY], tmp_path)
+    run_script("experiment.py", ["--out_dir=par", "--workers=2", *TINY], tmp_path)
+    assert read_json(tmp_path / "seq" / "final_info.json") == read_json(tmp_path / "par" / "final_info.json")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--ops=x_times_y"], "unknown op"),
+    (["--p=2"], "at least 3"),
+    (["--p=91", "--ops=x_div_y"], "not prime"),
+    (["--train_frac=1.0"], "between 0 and 1"),
+    (["--train_frac=0"], "between 0 and 1"),
+    (["--steps=0"], "--steps"),
+    (["--seeds=0"], "--seeds"),
+    (["--batch_size=0"], "--batch_size"),
+    (["--steps=ten"], "invalid"),
+    (["--lr=fast"], "invalid"),
+    (["--no_such_flag=1"], "unrecognized"),
+    (["--plugins=nonexistent_plugin"], "unknown plugin"),
+    (["--plugins=missing_file.py"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, words):
+    proc = run_script("experiment.py", ["--out_dir=out", *args], tmp_path, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_dir_that_is_a_file_or_unwritable_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    proc = run_script("experiment.py", ["--out_dir=taken"], tmp_path, check=False)
+    assert proc.returncode == 2 and "existing file" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: use a path under a file instead
+            target = "taken/sub"
+        else:
+            target = "locked/sub"
+        proc = run_script("experiment.py", [f"--out_dir={target}"], tmp_path, check=False)
+        assert proc.returncode == 2 and "cannot be written" in proc.stderr
+    finally:
+        locked.chmod(0o700)
+    assert sorted(os.listdir(tmp_path)) == ["locked", "taken"] and os.listdir(locked) == []
+
+
+def test_help_lists_every_flag(tmp_path):
+    out = run_script("experiment.py", ["--help"], tmp_path).stdout
+    for flag in ("--ops", "--seeds", "--steps", "--capture_every", "--p", "--train_frac", "--batch_size", "--lr",
+                 "--weight_decay", "--plugins", "--workers", "--overwrite"):
+        assert flag in out
+    assert "modulus" in out
+
+
+def test_changed_config_is_refused_unless_overwrite(tiny_run, tmp_path):
+    run_script("experiment.py", ["--out_dir=r", *TINY, "--steps=20", "--ops=x_plus_y", "--seeds=1"], tmp_path)
+    proc = run_script("experiment.py", ["--out_dir=r", *TINY, "--steps=30", "--ops=x_plus_y", "--seeds=1"],
+                      tmp_path, check=False)
+    assert proc.returncode == 2 and "steps" in proc.stderr and "--overwrite" in proc.stderr
+    assert read_json(tmp_path / "r" / "config.json")["steps"] == 20
+    run_script("experiment.py", ["--out_dir=r", *TINY, "--steps=30", "--ops=x_plus_y", "--seeds=1", "--overwrite"],
+               tmp_path)
+    assert read_json(tmp_path / "r" / "final_info_x_plus_y_0.json")["step_val_acc_99"] <= 30
+    assert read_json(tmp_path / "r" / "config.json")["steps"] == 30
+
+
+def test_resume_after_kill_gives_the_uninterrupted_results(tiny_run, tmp_path):
+    args = ["--out_dir=run_k", *TINY[:-4], "--steps=400", "--batch_size=64", "--d_model=32", "--workers=1"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "run_k" / "final_info_x_plus_y_0.json"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second pair
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (tmp_path / "run_k" / "final_info.json").exists()
+    before = first.read_text()
+    resumed = run_script("experiment.py", args, tmp_path)
+    assert "x_plus_y seed 0: already finished" in resumed.stderr
+    assert first.read_text() == before
+    run_script("experiment.py", [*args[:1], "--out_dir=run_full", *args[1:]], tmp_path)
+    assert read_json(tmp_path / "run_k" / "final_info.json") == read_json(tmp_path / "run_full" / "final_info.json")
+    leftovers = [f for _, _, files in os.walk(tmp_path / "run_k") for f in files if ".partial-" in f]
+    assert leftovers == []
+
+
+PLUGIN_THAT_FAILS = '''
+from experiment import Plugin
+
+class Exploding(Plugin):
+    name = "exploding"
+
+    def on_step_end(self, run, step):
+        if run.op == "permutation" and step == 7:
+            raise ValueError("deliberate")
+'''
+
+
+def test_failing_plugin_names_itself_and_keeps_finished_pairs(tmp_path):
+    (tmp_path / "boom.py").write_text(PLUGIN_THAT_FAILS)
+    proc = run_script("experiment.py", ["--out_dir=r", *TINY, "--plugins=boom.py", "--workers=1"], tmp_path, check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "exploding" in last and "step 7" in last and "deliberate" in last and "Traceback" not in proc.stderr
+    assert (tmp_path / "r" / "final_info_x_plus_y_0.json").exists()
+    assert (tmp_path / "r" / "final_info_x_plus_y_1.json").exists()
+    assert not (tmp_path / "r" / "final_info.json").exists()
