@@ -30,6 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+if __name__ in ("__main__", "__mp_main__"):  # plugin files `import experiment`: give them this very module
+    sys.modules.setdefault("experiment", sys.modules[__name__])
+
 OPS = ("x_div_y", "x_minus_y", "x_plus_y", "permutation")
 MODELS = ("transformer", "gpt2")
 DTYPES = ("fp32", "bf16")
@@ -557,12 +560,37 @@ def capture_activations(model: nn.Module, x: torch.Tensor, module_names: list, c
     return {name: torch.cat(parts) for name, parts in outputs.items()}, torch.cat(logits)
 
 
-class ActivationCapture(Plugin):
+class CaptureSchedule(Plugin):
+    """Calls self.snapshot(run, step, reason) at step 0, every capture_every updates, at the
+    last update, and when val accuracy first exceeds each of capture_thresholds; one call per step."""
+
+    def on_train_begin(self, run):
+        self.crossed, self.last_step = set(), None
+        self.snapshot_at(run, 0, "init")
+
+    def on_step_end(self, run, step):
+        if step % run.cfg.capture_every == 0:
+            self.snapshot_at(run, step, "periodic")
+        if step == run.cfg.steps:
+            self.snapshot_at(run, step, "final")
+
+    def on_eval(self, run, step, metrics):
+        for threshold in run.cfg.capture_thresholds:
+            if threshold not in self.crossed and metrics["val_acc"] > threshold:
+                self.crossed.add(threshold)
+                self.snapshot_at(run, step, f"val_acc>{threshold}")
+
+    def snapshot_at(self, run, step, reason):
+        self.snapshot(run, step, reason, again=self.last_step == step)
+        self.last_step = step
+
+    def snapshot(self, run, step, reason, again): ...  # again: a snapshot of this step was already taken
+
+
+class ActivationCapture(CaptureSchedule):
     """Snapshots of the first and last block at the answer position, for every pair.
 
-    At step 0, every capture_every updates, at the last update, and when val
-    accuracy first exceeds each of capture_thresholds. One safetensors file per
-    snapshot in activations/, listed in activations/index.json.
+    One safetensors file per snapshot in activations/, listed in activations/index.json.
     """
 
     name = "capture"
@@ -573,28 +601,14 @@ class ActivationCapture(Plugin):
         self.save_file = save_file
         self.folder = os.path.join(run.out_dir, "activations")
         os.makedirs(self.folder, exist_ok=True)
-        self.crossed = set()
         modules = run.model.capture_modules
-        self.index = {"modules": modules, "layers": {v: k for k, v in modules.items()},
-                      "dtype": run.cfg.capture_dtype, "n_rows": len(run.task.y), "rows": "examples.parquet",
-                      "position": "answer (last input token)", "snapshots": []}
-        self.capture(run, 0, "init")
+        self.index = {"modules": modules, "dtype": run.cfg.capture_dtype, "n_rows": len(run.task.y),
+                      "rows": "examples.parquet", "position": "answer (last input token)", "snapshots": []}
+        super().on_train_begin(run)
 
-    def on_step_end(self, run, step):
-        if step % run.cfg.capture_every == 0:
-            self.capture(run, step, "periodic")
-        if step == run.cfg.steps:
-            self.capture(run, step, "final")
-
-    def on_eval(self, run, step, metrics):
-        for threshold in run.cfg.capture_thresholds:
-            if threshold not in self.crossed and metrics["val_acc"] > threshold:
-                self.crossed.add(threshold)
-                self.capture(run, step, f"val_acc>{threshold}")
-
-    def capture(self, run, step, reason):
+    def snapshot(self, run, step, reason, again):
         snapshots = self.index["snapshots"]
-        if snapshots and snapshots[-1]["step"] == step:  # one file per step, several reasons
+        if again:
             snapshots[-1]["reasons"].append(reason)
         else:
             names = list(self.index["modules"].values())
@@ -611,7 +625,174 @@ class ActivationCapture(Plugin):
         write_json(os.path.join(self.folder, "index.json"), self.index)
 
 
-BUILTIN_PLUGINS = {"capture": ActivationCapture}
+class Grokfast(Plugin):
+    """Grokfast-EMA (Lee et al. 2024, arXiv:2405.20233): amplify the slow part of the gradient.
+
+    ema = alpha * ema + (1 - alpha) * grad;  grad = grad + lamb * ema  (--grokfast_alpha, --grokfast_lamb).
+    """
+
+    name = "grokfast"
+
+    def on_train_begin(self, run):
+        self.params = [p for p in run.model.parameters() if p.requires_grad]
+        self.ema = None
+
+    @torch.no_grad()
+    def on_after_backward(self, run, step):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.ema is None:  # as in the paper's code: the EMA starts at the first gradient
+            self.ema = [g.clone() for g in grads]
+        else:
+            torch._foreach_lerp_(self.ema, grads, 1 - run.cfg.grokfast_alpha)
+        if run.cfg.grokfast_lamb:
+            torch._foreach_add_(grads, self.ema, alpha=run.cfg.grokfast_lamb)
+
+
+class Norms(Plugin):
+    """Logs weight norm, logit norm and softmax collapse at every evaluation (into log.jsonl).
+
+    param_norm: L2 norm of all parameters (Omnigrok, Liu et al. 2022).
+    logit_norm: mean L2 norm of the training examples' logit vectors.
+    softmax_collapse: share of training examples whose float32 softmax probability of the
+    true class is exactly 1.0 (Prieto et al. 2025, "Grokking at the edge of numerical stability").
+    """
+
+    name = "norms"
+
+    @torch.inference_mode()
+    def on_eval(self, run, step, metrics):
+        model = run.model
+        metrics["param_norm"] = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p) for p in model.parameters()])).item()
+        model.eval()
+        try:
+            x = run.task.x[run.train_idx].to(run.device)
+            logits = model(x).float()  # (n_train, n_classes)
+        finally:
+            model.train()
+        y = run.task.y[run.train_idx].to(run.device)
+        metrics["logit_norm"] = torch.linalg.vector_norm(logits, dim=-1).mean().item()
+        p_true = logits.softmax(-1).gather(1, y[:, None])
+        metrics["softmax_collapse"] = (p_true == 1.0).float().mean().item()
+
+
+def fourier_spectrum(embedding: torch.Tensor) -> torch.Tensor:
+    """Power of a (p, d) embedding of the residues 0..p-1 at frequencies 0..p//2, after centring.
+
+    Centring removes the mean embedding (frequency 0), which says nothing about the algorithm.
+    Frequencies k and p-k are one real frequency, so their powers are added.
+    """
+    p = embedding.shape[0]
+    centred = embedding.double() - embedding.double().mean(0)
+    power = torch.fft.fft(centred, dim=0).abs().pow(2).sum(1)  # (p,)
+    folded = power[: p // 2 + 1].clone()
+    folded[1:] += power.flip(0)[: p // 2]  # power[p - k] for k = 1..p//2
+    if p % 2 == 0:
+        folded[-1] = power[p // 2]  # the Nyquist frequency is its own partner
+    return folded
+
+
+def fourier_sparsity(spectrum: torch.Tensor, k: int) -> tuple[float, list]:
+    """(share of the power in the top-k frequencies, those frequencies, strongest first)."""
+    order = spectrum[1:].argsort(descending=True)[:k] + 1
+    return (spectrum[order].sum() / spectrum.sum()).item(), order.tolist()
+
+
+class EmbeddingProbe(CaptureSchedule):
+    """A measure of the residues' token embedding (p, d), taken at each capture step into {name}.jsonl."""
+
+    ops = ()
+
+    def on_train_begin(self, run):
+        self.active = run.op in self.ops
+        if not self.active:
+            if run.seed == 0:  # once per op, not once per seed
+                print(f"experiment.py: {self.name} plugin: not meaningful for {run.op} (only for "
+                      f"{', '.join(self.ops)}); not measured", file=sys.stderr)
+            return
+        self.rows = []
+        super().on_train_begin(run)
+
+    def on_step_end(self, run, step):
+        if self.active:
+            super().on_step_end(run, step)
+
+    def on_eval(self, run, step, metrics):
+        if self.active:
+            super().on_eval(run, step, metrics)
+
+    def snapshot(self, run, step, reason, again):
+        if again:
+            return
+        with torch.no_grad():
+            embedding = run.model.token_embedding_matrix()[2: run.cfg.p + 2].detach().float().cpu()
+        self.rows.append({"step": step, **self.measure(run, embedding)})
+        write_jsonl(os.path.join(run.out_dir, f"{self.name}.jsonl"), self.rows)
+
+    def measure(self, run, embedding) -> dict: ...
+
+
+class FourierEmbedding(EmbeddingProbe):
+    """Nanda et al. 2023's progress measure: how sparse the token embedding is in the Fourier basis.
+
+    fourier.jsonl rows: step, topk_frac (share of the power in the top --fourier_topk non-constant
+    frequencies), key_freqs (those frequencies), spectrum (power share of frequencies 0..p//2).
+    """
+
+    name = "fourier"
+    ops = ("x_plus_y", "x_minus_y")
+
+    def measure(self, run, embedding):
+        spectrum = fourier_spectrum(embedding)
+        topk_frac, key_freqs = fourier_sparsity(spectrum, run.cfg.fourier_topk)
+        return {"topk_frac": topk_frac, "key_freqs": key_freqs, "spectrum": (spectrum / spectrum.sum()).tolist()}
+
+
+def representation_quality(embedding: torch.Tensor, tol: float) -> float:
+    """RQI after Liu et al. 2022: the share of parallelograms i + j = m + n (mod p), {i, j} != {m, n},
+    that close in the standardised embedding.
+
+    Vector sums cannot close modulo p (Z_p has no non-trivial additive embedding in R^d, so even a
+    perfect ring fails that test), so closure is tested where modular addition is exact: on the
+    circle of the embedding's strongest Fourier frequency. Each residue's standardised embedding is
+    projected onto that frequency's plane, giving a unit phase u_i, and the parallelogram closes when
+    |u_i u_j - u_m u_n| < tol. A ring scores 1, random vectors about tol / pi.
+    """
+    p = embedding.shape[0]
+    e = embedding.double() - embedding.double().mean(0)
+    e = e / e.pow(2).sum(1).mean().sqrt()  # rows of unit root-mean-square norm
+    coefficients = torch.fft.fft(e, dim=0)  # (p, d): row k is frequency k
+    k = int(fourier_spectrum(e)[1:].argmax()) + 1
+    z = e.to(coefficients.dtype) @ coefficients[k].conj()  # (p,) position on that frequency's circle
+    u = z / z.abs().clamp_min(1e-12)
+    closed = total = 0
+    i = torch.arange(p)
+    for s in range(p):
+        j = (s - i) % p
+        keep = i <= j  # each unordered pair {i, j} with i + j = s once
+        products = (u[i[keep]] * u[j[keep]])[:, None]  # (n_pairs, 1)
+        dist = torch.cdist(torch.view_as_real(products).flatten(1), torch.view_as_real(products).flatten(1))
+        upper = torch.triu(torch.ones_like(dist, dtype=torch.bool), diagonal=1)
+        closed += (dist[upper] < tol).sum().item()
+        total += upper.sum().item()
+    return closed / total
+
+
+class RepresentationQuality(EmbeddingProbe):
+    """Liu et al. 2022's representation quality index of the token embedding, for x_plus_y.
+
+    rqi.jsonl rows: step, rqi (share of closed parallelograms at tolerance --rqi_tol).
+    """
+
+    name = "rqi"
+    ops = ("x_plus_y",)
+
+    def measure(self, run, embedding):
+        return {"rqi": representation_quality(embedding, run.cfg.rqi_tol)}
+
+
+BUILTIN_PLUGINS = {"capture": ActivationCapture, "grokfast": Grokfast, "norms": Norms,
+                   "fourier": FourierEmbedding, "rqi": RepresentationQuality}
 
 
 def load_plugin_file(path: str) -> list:

@@ -108,14 +108,14 @@ def read_json(path: str):
         return json.load(f)
 
 
-def read_log(path: str) -> list:
-    """log.jsonl rows; a corrupt line is skipped with a warning."""
+def read_log(path: str, required=("step", "train_acc", "val_acc")) -> list:
+    """Rows of a .jsonl log; a corrupt line is skipped with a warning."""
     rows = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
             try:
                 row = json.loads(line)
-                rows.append(row if all(k in row for k in ("step", "train_acc", "val_acc")) else None)
+                rows.append(row if all(k in row for k in required) else None)
             except json.JSONDecodeError:
                 rows.append(None)
             if rows[-1] is None:
@@ -175,6 +175,31 @@ def load_run(run_dir: str, name: str) -> list:
     if pairs and not any(p.snapshots for p in pairs):
         warn(f"{run_dir}: no activation snapshots; learning curves only")
     return pairs
+
+
+PLUGIN_LOG_METRICS = {"param_norm": "all", "logit_norm": "train", "softmax_collapse": "train"}  # norms plugin
+PLUGIN_FILES = {"fourier": ("topk_frac", "fourier_topk_frac"), "rqi": ("rqi", "rqi")}  # file -> (key, metric)
+
+
+def plugin_rows(pair: Pair) -> list:
+    """Rows of metrics.csv from what the norms, fourier and rqi plugins logged (layer `model` or `embedding`)."""
+    rows = []
+
+    def add(step, layer, split, metric, value):
+        rows.append({"run": pair.run, "op": pair.op, "seed": pair.seed, "layer": layer, "step": step,
+                     "phase": phase_of(val_acc_at(pair.log, step)), "split": split, "metric": metric,
+                     "value": float(value)})
+
+    for r in pair.log:
+        for metric, split in PLUGIN_LOG_METRICS.items():
+            if metric in r:
+                add(r["step"], "model", split, metric, r[metric])
+    for name, (key, metric) in PLUGIN_FILES.items():
+        path = os.path.join(pair.folder, f"{name}.jsonl")
+        if os.path.exists(path):
+            for r in read_log(path, required=("step", key)):
+                add(r["step"], "embedding", "all", metric, r[key])
+    return rows
 
 
 def phase_of(val_acc: float) -> str:
@@ -545,6 +570,60 @@ def metric_figures(run: str, op: str, pairs: list, rows: list, out_dir: str) -> 
     return written
 
 
+def plugin_figures(run: str, op: str, pairs: list, rows: list, out_dir: str) -> list:
+    """What the norms, fourier and rqi plugins logged, against step, grokking marked."""
+    written = []
+    base = f"{run}_{op}".replace(os.sep, "_")
+    grokked, _ = grok_summary(pairs)
+    panels = [(m, f"{m} ({split})") for m, split in PLUGIN_LOG_METRICS.items()] + \
+             [(metric, metric) for _, metric in PLUGIN_FILES.values()]
+    present = [(m, title) for m, title in panels if any(r["metric"] == m for r in rows)]
+    if not present:
+        return written
+    fig, axes = plt.subplots(1, len(present), figsize=(4.6 * len(present), 3.8), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], present):
+        by_seed = {}
+        for r in rows:
+            if r["metric"] == metric:
+                by_seed.setdefault(r["seed"], {})[r["step"]] = r["value"]
+        common = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+        mean, err = mean_stderr(np.array([[v[s] for s in common] for v in by_seed.values()]))
+        ax.plot(common, mean, color="C0", label=f"mean over {len(by_seed)} seeds")
+        ax.fill_between(common, mean - err, mean + err, color="C0", alpha=0.2)
+        for s in grokked:
+            ax.axvline(s, color="black", linestyle=":", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("update step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Plugin measures: {run}, {op} (mean ± stderr over seeds; dotted: grokking steps)", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"plugins_{base}.png")
+    save(fig, path)
+    names = ", ".join(m for m, _ in present)
+    written.append((path, f"{names} of {op} (run {run}) against step, mean ± stderr over seeds, grokking marked."))
+    shown = next((p for p in pairs if os.path.exists(os.path.join(p.folder, "fourier.jsonl"))), None)
+    if shown is not None:
+        spectra = {r["step"]: r for r in read_log(os.path.join(shown.folder, "fourier.jsonl"),
+                                                   required=("step", "spectrum"))}
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        for j, (label, snap) in enumerate(phase_snapshots(shown) or []):
+            step = min(spectra, key=lambda s: abs(s - snap["step"]))
+            spectrum = spectra[step]["spectrum"]
+            ax.bar(np.arange(len(spectrum)) + (j - 1) * 0.3, spectrum, width=0.3, color=f"C{j}",
+                   label=f"{label}: step {step}, top-k {spectra[step]['topk_frac']:.2f}, "
+                         f"key freqs {spectra[step]['key_freqs']}")
+        ax.set_xlabel("frequency k")
+        ax.set_ylabel("share of the embedding's power")
+        ax.set_title(f"Fourier spectrum of the token embedding, {run}, {op}, seed {shown.seed}", fontsize=9)
+        ax.legend(fontsize=7)
+        path = os.path.join(out_dir, f"fourier_{base}.png")
+        save(fig, path)
+        written.append((path, f"The token embedding's Fourier spectrum of {op} (run {run}, seed {shown.seed}) "
+                              "before, during and after grokking."))
+    return written
+
+
 # ----------------------------------------------------------------------------- outputs
 def write_tables(rows: list, out_dir: str) -> None:
     import csv
@@ -574,8 +653,8 @@ def phase_values(pairs: list, rows: list, layer: str, metric: str, split: str) -
         at = {r["step"]: r["value"] for r in rows if r["seed"] == pair.seed and r["layer"] == layer
               and r["metric"] == metric and r["split"] == split}
         for (label, snap), phase in zip(phase_snapshots(pair), PHASES):
-            if snap["step"] in at:
-                out.setdefault(phase, []).append(at[snap["step"]])
+            if at:  # the logged step nearest the snapshot (norms are logged at evaluations only)
+                out.setdefault(phase, []).append(at[min(at, key=lambda s: abs(s - snap["step"]))])
     return out
 
 
@@ -597,19 +676,22 @@ def summary_markdown(by_op: dict, run_names: dict, rows_by: dict, figures: list)
                 lines += ["No activation snapshots: no representation metrics.", ""]
                 continue
             lines += ["| layer | metric | split | before | during | after |", "|---|---|---|---|---|---|"]
-            for layer in LAYERS:
-                for metric, splits in METRIC_SPLITS.items():
-                    for split in splits:
-                        values = phase_values(pairs, rows, layer, metric, split)
-                        cells = []
-                        for phase in PHASES:
-                            v = np.array(values.get(phase, []), dtype=float)
-                            if len(v) == 0:
-                                cells.append("n/a")
-                            else:
-                                mean, err = mean_stderr(v[:, None])
-                                cells.append(f"{mean[0]:.3g} ± {err[0]:.2g}")
-                        lines.append(f"| {layer} | {metric} | {split} | " + " | ".join(cells) + " |")
+            present = {(r["layer"], r["metric"], r["split"]) for r in rows}
+            listed = [(layer, metric, split) for layer in LAYERS for metric, splits in METRIC_SPLITS.items()
+                      for split in splits]
+            listed += sorted(present - set(listed))
+            for layer, metric, split in listed:
+                if (layer, metric, split) in present:
+                    values = phase_values(pairs, rows, layer, metric, split)
+                    cells = []
+                    for phase in PHASES:
+                        v = np.array(values.get(phase, []), dtype=float)
+                        if len(v) == 0:
+                            cells.append("n/a")
+                        else:
+                            mean, err = mean_stderr(v[:, None])
+                            cells.append(f"{mean[0]:.3g} ± {err[0]:.2g}")
+                    lines.append(f"| {layer} | {metric} | {split} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["## Figures", ""]
     lines += [f"- `{os.path.basename(path)}`: {text}" for path, text in figures]
@@ -706,7 +788,23 @@ def main(args) -> int:
             found = job.result()
             rows += found
             rows_by.setdefault((p.run, p.op), []).extend(found)
+        for p in pairs:
+            found = plugin_rows(p)
+            rows += found
+            rows_by.setdefault((p.run, p.op), []).extend(found)
         for (run, op), found in rows_by.items():
+            key = settings_key(settings, "plugins", found, inputs_key(settings, by_op[op][run]))
+            cached = drawn.get(f"plugins/{run}/{op}", key)
+            if cached is None:
+                mine = [r for r in found if r["layer"] in ("model", "embedding")]
+                jobs[f"plugins/{run}/{op}"] = (key, pool.submit(plugin_figures, run, op, by_op[op][run], mine,
+                                                                args.out_dir))
+            else:
+                figures += cached
+        for (run, op), found in rows_by.items():
+            found = [r for r in found if r["layer"] in LAYERS]
+            if not found:
+                continue
             key = settings_key(settings, "metrics", found, inputs_key(settings, by_op[op][run]))
             cached = drawn.get(f"metrics/{run}/{op}", key)
             if cached is None:

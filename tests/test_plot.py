@@ -1,0 +1,128 @@
+"""plot.py as a user runs it, on the tiny run and on odd folders."""
+import csv
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import plot
+from conftest import run_script
+
+OPS = ("x_plus_y", "permutation")
+
+
+@pytest.fixture(scope="module")
+def plotted(tiny_run, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("plotted")
+    shutil.copytree(tiny_run, cwd / "run_0")
+    proc = run_script("plot.py", [], cwd)
+    return cwd, proc
+
+
+def test_writes_curves_pictures_table_and_summary(plotted):
+    cwd, _ = plotted
+    for op in OPS:
+        for kind in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert (cwd / f"{kind}_{op}.png").stat().st_size > 10_000
+        for layer in ("first", "last"):
+            for kind in ("pca", "tsne", "metrics"):
+                assert (cwd / f"{kind}_run_0_{op}_{layer}.png").exists()
+    rows = list(csv.DictReader(open(cwd / "metrics.csv")))
+    assert list(rows[0]) == ["run", "op", "seed", "layer", "step", "phase", "split", "metric", "value"]
+    expected_splits = sum(len(s) for s in plot.METRIC_SPLITS.values())
+    keys = {(r["op"], r["seed"], r["layer"], r["step"], r["split"], r["metric"]) for r in rows}
+    assert len(keys) == len(rows)
+    for op in OPS:
+        for seed in ("0", "1"):
+            steps = {r["step"] for r in rows if r["op"] == op and r["seed"] == seed}
+            assert {"0", "20", "40", "60"} <= steps
+            for layer in ("first", "last"):
+                for step in steps:
+                    found = [r for r in rows if (r["op"], r["seed"], r["layer"], r["step"]) == (op, seed, layer, step)]
+                    assert len(found) == expected_splits
+    assert {r["metric"] for r in rows} == set(plot.METRIC_SPLITS)
+    assert all(np.isfinite(float(r["value"])) for r in rows)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(cwd / "metrics.parquet").num_rows == len(rows)
+    summary = (cwd / "analysis_summary.md").read_text()
+    for name in os.listdir(cwd):
+        if name.endswith(".png"):
+            assert f"`{name}`" in summary
+    assert "x_plus_y" in summary and "silhouette" in summary and "before" in summary
+
+
+def test_second_run_with_nothing_changed_redraws_nothing(plotted):
+    cwd, _ = plotted
+    pngs = {name: (cwd / name).stat().st_mtime_ns for name in os.listdir(cwd) if name.endswith(".png")}
+    run_script("plot.py", [], cwd)
+    assert {name: (cwd / name).stat().st_mtime_ns for name in pngs} == pngs
+
+
+def test_no_runs_is_one_line_and_exit_1(tmp_path):
+    proc = run_script("plot.py", [], tmp_path, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "no runs" in proc.stderr
+
+
+def test_odd_folders_are_analysed_as_far_as_possible(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "run_odd")
+    # A truncated snapshot, a corrupt log line, and a run without snapshots.
+    snapshot = tmp_path / "run_odd" / "x_plus_y_0" / "activations" / "step_000040.safetensors"
+    snapshot.write_bytes(snapshot.read_bytes()[:100])
+    with open(tmp_path / "run_odd" / "permutation_1" / "log.jsonl", "a") as f:
+        f.write('{"step": 70, "train_lo')
+    shutil.copytree(tiny_run, tmp_path / "run_nosnap")
+    for op in OPS:
+        for seed in (0, 1):
+            shutil.rmtree(tmp_path / "run_nosnap" / f"{op}_{seed}" / "activations")
+    proc = run_script("plot.py", ["--no_tsne", "--runs=run_odd,run_nosnap,run_missing"], tmp_path)
+    assert "step_000040.safetensors" in proc.stderr and "unreadable" in proc.stderr
+    assert "permutation_1/log.jsonl: line 7 is corrupt" in proc.stderr
+    assert "run_nosnap: no activation snapshots" in proc.stderr
+    assert "run_missing does not exist" in proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    steps = {r["step"] for r in rows if r["op"] == "x_plus_y" and r["seed"] == "0" and r["run"] == "run_odd"}
+    assert "40" not in steps and {"0", "20", "60"} <= steps
+    assert not any(r["run"] == "run_nosnap" for r in rows)
+    assert (tmp_path / "val_acc_x_plus_y.png").exists()
+
+
+def test_run_in_progress_is_analysed(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "run_live")
+    os.remove(tmp_path / "run_live" / "final_info.json")
+    os.remove(tmp_path / "run_live" / "final_info_permutation_1.json")
+    pairs = plot.load_run(str(tmp_path / "run_live"), "run_live")
+    assert len(pairs) == 4 and [p.final is None for p in pairs].count(True) == 1
+    run_script("plot.py", ["--no_tsne"], tmp_path)
+    assert (tmp_path / "metrics.csv").exists()
+
+
+def test_phases_follow_the_definitions():
+    log = [{"step": s, "train_acc": t, "val_acc": v} for s, t, v in
+           [(100, 0.5, 0.0), (200, 1.0, 0.01), (300, 1.0, 0.05), (400, 1.0, 0.3), (500, 1.0, 0.6), (600, 1.0, 1.0)]]
+    snaps = [{"step": s, "val_acc": v, "path": ""} for s, v in [(0, float("nan")), (150, 0.0), (300, 0.05),
+                                                                 (450, 0.45), (500, 0.6), (700, 1.0)]]
+    pair = plot.Pair("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": True}, snaps)
+    assert pair.memorisation_step == 200 and pair.grok_step == 600
+    chosen = [s["step"] for _, s in plot.phase_snapshots(pair)]
+    assert chosen == [300, 450, 700]
+    assert [plot.phase_of(v) for v in (float("nan"), 0.09, 0.1, 0.98, 0.99)] == \
+        ["before", "before", "during", "during", "after"]
+    never = plot.Pair("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": False}, snaps)
+    assert never.grok_step is None
+    assert [label for label, _ in plot.phase_snapshots(never)] == ["step 0", "middle", "final, never grokked"]
+
+
+def test_nc1_and_participation_ratio_on_known_geometry():
+    rng = np.random.RandomState(0)
+    centres = rng.randn(5, 8) * 10
+    y = np.repeat(np.arange(5), 40)
+    tight = centres[y] + rng.randn(200, 8) * 0.01
+    loose = centres[y] + rng.randn(200, 8) * 3
+    def nc1(x):
+        s_w, s_b, c = plot.scatter_matrices(x, y)
+        return np.trace(s_w @ np.linalg.pinv(s_b)) / c
+    assert nc1(tight) < 1e-3 < nc1(loose)
+    assert plot.participation_ratio(rng.randn(2000, 10)) == pytest.approx(10, rel=0.1)
+    assert plot.participation_ratio(np.outer(rng.randn(500), rng.randn(10)) + 1e-6 * rng.randn(500, 10)) < 1.1
