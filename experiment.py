@@ -24,6 +24,7 @@ import typing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from queue import Empty
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ class Config:
     grokfast_alpha: float = 0.98  # grokfast plugin: EMA decay of the gradient
     grokfast_lamb: float = 2.0  # grokfast plugin: weight of the EMA added to the gradient
     fourier_topk: int = 5  # fourier plugin: how many key frequencies
-    rqi_tol: float = 0.1  # rqi plugin: relative tolerance for a parallelogram to close
+    rqi_tol: float = 0.1  # rqi plugin: a parallelogram closes when its unit phases differ by less
     workers: int = 0  # parallel (op, seed) processes; 0 = one per core (one on a GPU)
     threads: int = 0  # torch threads per process; 0 = cores / workers
     overwrite: bool = False  # discard results in out_dir made with another config
@@ -82,7 +83,7 @@ class Config:
 
 
 # Fields that never change a number, so a resumed run may change them freely.
-RUNTIME_FIELDS = ("out_dir", "workers", "threads", "overwrite", "progress", "device")
+RUNTIME_FIELDS = ("out_dir", "workers", "threads", "overwrite", "progress")
 
 
 class UsageError(Exception):
@@ -188,7 +189,9 @@ def parse_args(argv=None) -> Config:
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        is_bool = hints[f.name] is bool
         parser.add_argument(f"--{f.name}", type=_flag_type(hints[f.name]), default=default,
+                            nargs="?" if is_bool else None, const=True if is_bool else None,
                             metavar=hints[f.name].__name__.upper() if isinstance(hints[f.name], type) else "LIST",
                             help=f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%"))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -1030,7 +1033,7 @@ class Progress:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
         self.mode, self.cfg = mode, cfg
-        self.bar = None
+        self.bar, self.done = None, {}
         if mode == "bar":
             from tqdm import tqdm
 
@@ -1046,7 +1049,9 @@ class Progress:
 
     def __call__(self, op, seed, step, metrics):
         if self.bar is not None:
-            self.bar.update(self.cfg.eval_every if step % self.cfg.eval_every == 0 else step % self.cfg.eval_every)
+            done = self.done.get((op, seed), 0)
+            self.bar.update(step - done)
+            self.done[(op, seed)] = step
             self.bar.set_postfix_str(f"{op} seed {seed} val_acc {metrics['val_acc']:.3f}", refresh=False)
         elif self.mode == "lines" and (step % 1000 == 0 or step == self.cfg.steps):
             self.line(f"{op} seed {seed}: step {step}/{self.cfg.steps} train_acc {metrics['train_acc']:.3f} "
@@ -1061,9 +1066,41 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train_in_worker(cfg: Config, op: str, seed: int) -> dict:
-    progress = Progress(dataclasses.replace(cfg, progress="lines" if cfg.progress != "none" else "none"), 0)
-    return train_one(cfg, op, seed, report=progress)
+def _train_in_worker(cfg: Config, op: str, seed: int, queue) -> dict:
+    """train_one in a worker process; progress goes back to the parent through `queue`."""
+    return train_one(cfg, op, seed, report=lambda *args: queue.put(args))
+
+
+def _finished(progress, record) -> None:
+    progress.line(f"{record['op']} seed {record['seed']}: done in {record['train_seconds']:.0f}s, "
+                  f"final val_acc {record['final_info']['final_val_acc']:.3f}")
+
+
+def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -> None:
+    """Train the (op, seed) pairs in todo, in this process or in `workers` processes."""
+    if workers == 1:
+        torch.set_num_threads(threads)
+        for op, seed in todo:
+            progress.line(f"{op} seed {seed}: start")
+            _finished(progress, train_one(cfg, op, seed, report=progress))
+        return
+    ctx = get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                                       initargs=(threads,)) as pool:
+        queue = manager.Queue()
+        pending = {pool.submit(_train_in_worker, cfg, op, seed, queue) for op, seed in todo}
+        while pending:
+            try:
+                while True:
+                    progress(*queue.get(timeout=0.2))
+            except Empty:
+                pass
+            done = {future for future in pending if future.done()}
+            pending -= done
+            for future in done:
+                _finished(progress, future.result())
+        while not queue.empty():
+            progress(*queue.get())
 
 
 def main(cfg: Config) -> dict:
@@ -1078,22 +1115,7 @@ def main(cfg: Config) -> dict:
                   f"x {threads} thread(s) into {cfg.out_dir}")
     start = time.perf_counter()
     try:
-        if workers == 1:
-            torch.set_num_threads(threads)
-            for op, seed in todo:
-                progress.line(f"{op} seed {seed}: start")
-                record = train_one(cfg, op, seed, report=progress)
-                progress.line(f"{op} seed {seed}: done in {record['train_seconds']:.0f}s, "
-                              f"final val_acc {record['final_info']['final_val_acc']:.3f}")
-        else:
-            ctx = get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
-                futures = {pool.submit(_train_in_worker, cfg, op, seed): (op, seed) for op, seed in todo}
-                for future in futures:
-                    op, seed = futures[future]
-                    record = future.result()
-                    progress.line(f"{op} seed {seed}: done in {record['train_seconds']:.0f}s, "
-                                  f"final val_acc {record['final_info']['final_val_acc']:.3f}")
+        train_pairs(cfg, todo, workers, threads, progress)
     finally:
         progress.close()
 
