@@ -77,13 +77,13 @@ class Config:
     fourier_topk: int = 5  # fourier plugin: how many key frequencies
     rqi_tol: float = 0.1  # rqi plugin: a parallelogram closes when its unit phases differ by less
     workers: int = 0  # parallel (op, seed) processes; 0 = one per core (one on a GPU)
-    threads: int = 0  # torch threads per process; 0 = cores / workers
+    threads: int = 0  # torch threads per (op, seed); 0 = 1 on a CPU. Other counts round differently
     overwrite: bool = False  # discard results in out_dir made with another config
     progress: str = "auto"  # auto (a bar on a terminal, plain lines otherwise), bar, lines or none
 
 
 # Fields that never change a number, so a resumed run may change them freely.
-RUNTIME_FIELDS = ("out_dir", "workers", "threads", "overwrite", "progress")
+RUNTIME_FIELDS = ("out_dir", "workers", "overwrite", "progress")
 
 
 class UsageError(Exception):
@@ -219,12 +219,13 @@ def _field_comments() -> dict:
 def resolved_workers(cfg: Config, n_jobs: int) -> tuple[int, int]:
     """(processes, torch threads per process) for n_jobs independent (op, seed) pairs."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    # Small models use a core badly from several threads: one single-threaded process
-    # per core trains about 1.3x more steps per second than one process on all cores.
-    workers = cfg.workers or (1 if device_of(cfg).type == "cuda" else cores)
-    workers = max(1, min(workers, n_jobs))
-    threads = cfg.threads or max(1, cores // workers)
-    return workers, threads
+    # Small models use a core badly from several threads: one single-threaded process per
+    # core trains about 1.3x more steps per second than one process on all cores. The thread
+    # count also changes float rounding, so it is fixed (1) unless set: then the numbers do not
+    # depend on --workers or on the machine's core count.
+    threads = cfg.threads or 1
+    workers = cfg.workers or (1 if device_of(cfg).type == "cuda" else max(1, cores // threads))
+    return max(1, min(workers, n_jobs)), threads
 
 
 def device_of(cfg: Config) -> torch.device:
