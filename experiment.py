@@ -416,7 +416,8 @@ class GPT2Classifier(nn.Module):
         from transformers import GPT2Config, GPT2Model
 
         config = GPT2Config(vocab_size=n_vocab, n_positions=seq_len, n_embd=d_model, n_layer=num_layers,
-                            n_head=n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+                            n_head=n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                            bos_token_id=None, eos_token_id=None)  # no text: GPT-2's special tokens do not exist
         self.gpt2 = GPT2Model(config)
         self.head = nn.Linear(d_model, n_classes)
         self.capture_modules = {"first": "gpt2.h.0", "last": f"gpt2.h.{num_layers - 1}"}

@@ -68,7 +68,8 @@ class Settings:
     knn_k: int = 5  # neighbours for knn_acc
     tsne: bool = True  # draw t-SNE figures
     tsne_per_class: int = 6  # t-SNE subsample: points per answer class (stratified, seeded)
-    tsne_max_points: int = 900  # ... and at most this many in all
+    tsne_max_points: int = 600  # ... and at most this many in all
+    tsne_iterations: int = 400  # t-SNE optimisation steps per panel
     scatter_max_points: int = 4000  # PCA scatter: at most this many points drawn
     seed: int = 0  # seed of every subsample and of t-SNE
 
@@ -288,8 +289,7 @@ def snapshot_metrics(x: np.ndarray, y: np.ndarray, is_train: np.ndarray, setting
     if len(y_val) and len(y_train):
         classes = np.unique(y_train)
         centroids = np.stack([x_train[y_train == c].mean(0) for c in classes])
-        distances = ((x_val[:, None, :] - centroids[None]) ** 2).sum(-1) if len(x_val) * len(classes) < 2e6 else (
-            (x_val ** 2).sum(1, keepdims=True) - 2 * x_val @ centroids.T + (centroids ** 2).sum(1))
+        distances = (centroids ** 2).sum(1) - 2 * x_val @ centroids.T  # + |x|^2, the same for every centroid
         out.append(("ncc_acc", "val", float((classes[distances.argmin(1)] == y_val).mean())))
         knn = KNeighborsClassifier(n_neighbors=min(settings.knn_k, len(y_train)), algorithm="brute")
         out.append(("knn_acc", "val", float((knn.fit(x_train, y_train).predict(x_val) == y_val).mean())))
@@ -505,7 +505,7 @@ def representation_figures(pair: Pair, settings: Settings, out_dir: str) -> list
         init = "pca"
         for ax, (label, snap, tensors) in zip(axes[0], loaded):
             x = tensors[module][tsne_rows]
-            tsne = TSNE(n_components=2, init=init, random_state=settings.seed, max_iter=500,
+            tsne = TSNE(n_components=2, init=init, random_state=settings.seed, max_iter=settings.tsne_iterations,
                         perplexity=min(30.0, (len(x) - 1) / 3))
             xy = tsne.fit_transform(x)
             init = xy / max(np.std(xy[:, 0]), 1e-12) * 1e-4  # next panel starts from this layout, rescaled
