@@ -521,6 +521,19 @@ def representation_figures(pair: Pair, settings: Settings, out_dir: str) -> list
     return written
 
 
+def plot_over_seeds(ax, rows: list, color, label: str, marker=None) -> None:
+    """Mean ± stderr over seeds of one metric's rows, at the steps every seed has."""
+    by_seed = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], {})[r["step"]] = r["value"]
+    if not by_seed:
+        return
+    common = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+    mean, err = mean_stderr(np.array([[v[s] for s in common] for v in by_seed.values()]))
+    ax.plot(common, mean, color=color, marker=marker, markersize=3, label=f"{label} (n={len(by_seed)})")
+    ax.fill_between(common, mean - err, mean + err, color=color, alpha=0.2)
+
+
 def metric_figures(run: str, op: str, pairs: list, rows: list, out_dir: str) -> list:
     """Each metric against step for one (run, op, layer): mean ± stderr over seeds, val acc on a twin axis."""
     written = []
@@ -535,18 +548,8 @@ def metric_figures(run: str, op: str, pairs: list, rows: list, out_dir: str) -> 
         fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
         for ax, metric in zip(axes.flat, METRIC_SPLITS):
             for j, split in enumerate(METRIC_SPLITS[metric]):
-                by_seed = {}
-                for r in mine:
-                    if r["metric"] == metric and r["split"] == split:
-                        by_seed.setdefault(r["seed"], {})[r["step"]] = r["value"]
-                if not by_seed:
-                    continue
-                common = sorted(set.intersection(*(set(v) for v in by_seed.values())))
-                values = np.array([[v[s] for s in common] for v in by_seed.values()])
-                mean, err = mean_stderr(values)
-                color = f"C{j}"
-                ax.plot(common, mean, "o-", color=color, markersize=3, label=f"{split} (n={len(by_seed)})")
-                ax.fill_between(common, mean - err, mean + err, color=color, alpha=0.2)
+                plot_over_seeds(ax, [r for r in mine if r["metric"] == metric and r["split"] == split],
+                                f"C{j}", split, marker="o")
             twin = ax.twinx()
             twin.plot(log_steps, val_mean, color="grey", linewidth=0.8, alpha=0.7)
             twin.set_ylim(-0.02, 1.02)
@@ -582,14 +585,7 @@ def plugin_figures(run: str, op: str, pairs: list, rows: list, out_dir: str) -> 
         return written
     fig, axes = plt.subplots(1, len(present), figsize=(4.6 * len(present), 3.8), squeeze=False)
     for ax, (metric, title) in zip(axes[0], present):
-        by_seed = {}
-        for r in rows:
-            if r["metric"] == metric:
-                by_seed.setdefault(r["seed"], {})[r["step"]] = r["value"]
-        common = sorted(set.intersection(*(set(v) for v in by_seed.values())))
-        mean, err = mean_stderr(np.array([[v[s] for s in common] for v in by_seed.values()]))
-        ax.plot(common, mean, color="C0", label=f"mean over {len(by_seed)} seeds")
-        ax.fill_between(common, mean - err, mean + err, color="C0", alpha=0.2)
+        plot_over_seeds(ax, [r for r in rows if r["metric"] == metric], "C0", "mean over seeds")
         for s in grokked:
             ax.axvline(s, color="black", linestyle=":", linewidth=1)
         ax.set_title(title, fontsize=9)
