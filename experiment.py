@@ -18,10 +18,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import typing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from queue import Empty
@@ -1064,13 +1064,22 @@ class Progress:
             self.bar.close()
 
 
-def _worker_init(threads: int) -> None:
+def _train_in_worker(cfg: Config, op: str, seed: int, threads: int, queue) -> None:
+    """train_one in a child process: progress, then the record or the error, go back through `queue`.
+
+    The child ignores Ctrl-C: the parent stops it, so one line is printed, not a traceback per process.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    try:
+        record = train_one(cfg, op, seed, report=lambda *args: queue.put(("progress", args)))
+        queue.put(("done", {k: v for k, v in record.items() if k != "log"}))
+    except PluginError as e:
+        queue.put(("plugin_error", str(e)))
+    except Exception as e:
+        import traceback
 
-
-def _train_in_worker(cfg: Config, op: str, seed: int, queue) -> dict:
-    """train_one in a worker process; progress goes back to the parent through `queue`."""
-    return train_one(cfg, op, seed, report=lambda *args: queue.put(args))
+        queue.put(("error", f"{op} seed {seed} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
 def _finished(progress, record) -> None:
@@ -1079,7 +1088,7 @@ def _finished(progress, record) -> None:
 
 
 def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -> None:
-    """Train the (op, seed) pairs in todo, in this process or in `workers` processes."""
+    """Train the (op, seed) pairs in todo, in this process or in up to `workers` child processes."""
     if workers == 1:
         torch.set_num_threads(threads)
         for op, seed in todo:
@@ -1087,22 +1096,38 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
             _finished(progress, train_one(cfg, op, seed, report=progress))
         return
     ctx = get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                                       initargs=(threads,)) as pool:
-        queue = manager.Queue()
-        pending = {pool.submit(_train_in_worker, cfg, op, seed, queue) for op, seed in todo}
-        while pending:
+    queue = ctx.Queue()
+    waiting, running, unfinished = list(todo), [], len(todo)
+    try:
+        while unfinished:
+            while waiting and len(running) < workers:
+                op, seed = waiting.pop(0)
+                child = ctx.Process(target=_train_in_worker, args=(cfg, op, seed, threads, queue), daemon=True)
+                child.start()
+                running.append(child)
             try:
-                while True:
-                    progress(*queue.get(timeout=0.2))
+                kind, payload = queue.get(timeout=0.5)
             except Empty:
-                pass
-            done = {future for future in pending if future.done()}
-            pending -= done
-            for future in done:
-                _finished(progress, future.result())
-        while not queue.empty():
-            progress(*queue.get())
+                kind, payload = None, None
+            if kind == "progress":
+                progress(*payload)
+            elif kind == "done":
+                _finished(progress, payload)
+                unfinished -= 1
+            elif kind == "plugin_error":
+                raise PluginError(payload)
+            elif kind == "error":
+                raise RuntimeError(payload)
+            for child in [c for c in running if c.exitcode is not None]:
+                if child.exitcode != 0:
+                    raise RuntimeError(f"a training process died (exit code {child.exitcode})")
+                running.remove(child)
+            if kind is None and not running and not waiting:
+                raise RuntimeError("training processes ended without reporting their results")
+    finally:
+        for child in running:  # Ctrl-C or an error: stop the pairs in flight (they restart on resume)
+            child.terminate()
+            child.join()
 
 
 def main(cfg: Config) -> dict:
