@@ -190,3 +190,23 @@ def test_failing_plugin_names_itself_and_keeps_finished_pairs(tmp_path):
     assert (tmp_path / "r" / "final_info_x_plus_y_0.json").exists()
     assert (tmp_path / "r" / "final_info_x_plus_y_1.json").exists()
     assert not (tmp_path / "r" / "final_info.json").exists()
+
+
+def test_ctrl_c_stops_every_process_with_one_line_and_keeps_finished_pairs(tmp_path):
+    args = ["--out_dir=run_c", *TINY[:2], "--steps=3000", *TINY[4:], "--workers=2", "--progress=none"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "run_c").glob("final_info_*_0.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1].startswith("experiment.py: interrupted") and "Traceback" not in stderr
+    assert not [f for _, _, files in os.walk(tmp_path / "run_c") for f in files if ".partial-" in f]
+    finished = sorted(p.name for p in (tmp_path / "run_c").glob("final_info_*.json"))
+    assert finished and "final_info.json" not in finished
+    resumed = run_script("experiment.py", args[:-1], tmp_path)  # with progress lines
+    assert resumed.stderr.count("already finished") == len(finished)
+    assert (tmp_path / "run_c" / "final_info.json").exists()
