@@ -24,7 +24,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from queue import Empty
+from multiprocessing.connection import wait as wait_for_connections
 
 import numpy as np
 import torch
@@ -1064,22 +1064,37 @@ class Progress:
             self.bar.close()
 
 
-def _train_in_worker(cfg: Config, op: str, seed: int, threads: int, queue) -> None:
-    """train_one in a child process: progress, then the record or the error, go back through `queue`.
+def _exit_quietly(signum, frame):
+    signal.signal(signum, signal.SIG_IGN)  # once is enough: a second signal would interrupt the clean-up
+    raise SystemExit(128 + signum)
 
-    The child ignores Ctrl-C: the parent stops it, so one line is printed, not a traceback per process.
+
+def _train_in_worker(cfg: Config, op: str, seed: int, threads: int, conn) -> None:
+    """train_one in a child process: progress, then the record or the error, go back through `conn`.
+
+    The child ignores Ctrl-C: the parent stops it (SIGTERM, which unwinds normally), so one line is
+    printed, not a traceback per process.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)  # the parent's stop: clean up temporary files and locks
+    try:  # Linux: if the parent dies (kill -9), get SIGTERM rather than train on as an orphan
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
     torch.set_num_threads(threads)
     try:
-        record = train_one(cfg, op, seed, report=lambda *args: queue.put(("progress", args)))
-        queue.put(("done", {k: v for k, v in record.items() if k != "log"}))
+        record = train_one(cfg, op, seed, report=lambda *args: conn.send(("progress", args)))
+        conn.send(("done", {k: v for k, v in record.items() if k != "log"}))
     except PluginError as e:
-        queue.put(("plugin_error", str(e)))
+        conn.send(("plugin_error", str(e)))
     except Exception as e:
         import traceback
 
-        queue.put(("error", f"{op} seed {seed} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        conn.send(("error", f"{op} seed {seed} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
 
 
 def _finished(progress, record) -> None:
@@ -1096,36 +1111,38 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
             _finished(progress, train_one(cfg, op, seed, report=progress))
         return
     ctx = get_context("spawn")
-    queue = ctx.Queue()
-    waiting, running, unfinished = list(todo), [], len(todo)
+    waiting, running, unfinished = list(todo), {}, len(todo)  # running: pipe -> child process
     try:
         while unfinished:
             while waiting and len(running) < workers:
                 op, seed = waiting.pop(0)
-                child = ctx.Process(target=_train_in_worker, args=(cfg, op, seed, threads, queue), daemon=True)
+                receiver, sender = ctx.Pipe(duplex=False)  # a pipe per child: no locks for Ctrl-C to break
+                child = ctx.Process(target=_train_in_worker, args=(cfg, op, seed, threads, sender), daemon=True)
                 child.start()
-                running.append(child)
-            try:
-                kind, payload = queue.get(timeout=0.5)
-            except Empty:
-                kind, payload = None, None
-            if kind == "progress":
-                progress(*payload)
-            elif kind == "done":
-                _finished(progress, payload)
-                unfinished -= 1
-            elif kind == "plugin_error":
-                raise PluginError(payload)
-            elif kind == "error":
-                raise RuntimeError(payload)
-            for child in [c for c in running if c.exitcode is not None]:
-                if child.exitcode != 0:
-                    raise RuntimeError(f"a training process died (exit code {child.exitcode})")
-                running.remove(child)
-            if kind is None and not running and not waiting:
+                sender.close()
+                running[receiver] = child
+            for receiver in wait_for_connections(list(running), timeout=1.0):
+                try:
+                    kind, payload = receiver.recv()
+                except EOFError:  # the child has exited
+                    child = running.pop(receiver)
+                    child.join()
+                    if child.exitcode != 0:
+                        raise RuntimeError(f"a training process died (exit code {child.exitcode})")
+                    continue
+                if kind == "progress":
+                    progress(*payload)
+                elif kind == "done":
+                    _finished(progress, payload)
+                    unfinished -= 1
+                elif kind == "plugin_error":
+                    raise PluginError(payload)
+                else:
+                    raise RuntimeError(payload)
+            if not running and not waiting and unfinished:
                 raise RuntimeError("training processes ended without reporting their results")
     finally:
-        for child in running:  # Ctrl-C or an error: stop the pairs in flight (they restart on resume)
+        for child in running.values():  # Ctrl-C or an error: stop the pairs in flight (they restart on resume)
             child.terminate()
             child.join()
 
@@ -1175,6 +1192,7 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     config = parse_args()
+    signal.signal(signal.SIGTERM, _exit_quietly)  # a harness's timeout: stop the children, keep finished pairs
     try:
         main(config)
     except UsageError as e:
@@ -1187,3 +1205,8 @@ if __name__ == "__main__":
         print(f"experiment.py: interrupted; finished (op, seed) pairs are kept in {config.out_dir}, "
               "run the same command again to resume", file=sys.stderr)
         raise SystemExit(130)
+    except SystemExit as e:
+        if e.code == 128 + signal.SIGTERM:
+            print(f"experiment.py: terminated; finished (op, seed) pairs are kept in {config.out_dir}, "
+                  "run the same command again to resume", file=sys.stderr)
+        raise
