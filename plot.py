@@ -66,7 +66,7 @@ class Settings:
 
     silhouette_sample: int = 1500  # points per split for the silhouette (fixed seeded subsample)
     knn_k: int = 5  # neighbours for knn_acc
-    knn_queries: int = 2000  # val points whose neighbours are looked up (fixed seeded subsample)
+    knn_queries: int = 1000  # val points whose neighbours are looked up (fixed seeded subsample)
     tsne: bool = True  # draw t-SNE figures
     tsne_per_class: int = 6  # t-SNE subsample: points per answer class (stratified, seeded)
     tsne_max_points: int = 600  # ... and at most this many in all
@@ -264,6 +264,24 @@ def scatter_matrices(x: np.ndarray, y: np.ndarray):
     return s_w, s_b, len(classes)
 
 
+def davies_bouldin(x: np.ndarray, y: np.ndarray) -> float:
+    """sklearn's davies_bouldin_score, vectorised over classes (sklearn loops over them in Python)."""
+    classes, inverse = np.unique(y, return_inverse=True)
+    counts = np.bincount(inverse)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    x = x.astype(np.float64)
+    centroids = np.add.reduceat(x[order], starts, axis=0) / counts[:, None]
+    spread = np.bincount(inverse, weights=np.linalg.norm(x - centroids[inverse], axis=1)) / counts
+    gaps = np.sqrt(np.clip((centroids ** 2).sum(1)[:, None] - 2 * centroids @ centroids.T
+                           + (centroids ** 2).sum(1)[None], 0, None))
+    if np.allclose(spread, 0) or np.allclose(gaps, 0):
+        return 0.0
+    np.fill_diagonal(gaps, np.inf)
+    gaps[gaps == 0] = np.inf
+    return float(np.max((spread[:, None] + spread[None]) / gaps, axis=1).mean())
+
+
 def participation_ratio(x: np.ndarray) -> float:
     eig = np.clip(np.linalg.eigvalsh(np.cov(x, rowvar=False)), 0, None)
     return float(eig.sum() ** 2 / (eig ** 2).sum())
@@ -271,7 +289,7 @@ def participation_ratio(x: np.ndarray) -> float:
 
 def snapshot_metrics(x: np.ndarray, y: np.ndarray, is_train: np.ndarray, settings: Settings) -> list:
     """[(metric, split, value)] for one layer's representations x (n, d), labels y, split mask."""
-    from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
+    from sklearn.metrics import calinski_harabasz_score, silhouette_score
     from sklearn.neighbors import KNeighborsClassifier
 
     out = []
@@ -282,7 +300,7 @@ def snapshot_metrics(x: np.ndarray, y: np.ndarray, is_train: np.ndarray, setting
         sample = min(settings.silhouette_sample, len(ys))
         rng = np.random.RandomState(settings.seed)
         out.append(("silhouette", split, float(silhouette_score(xs, ys, sample_size=sample, random_state=rng))))
-        out.append(("davies_bouldin", split, float(davies_bouldin_score(xs, ys))))
+        out.append(("davies_bouldin", split, davies_bouldin(xs, ys)))
         out.append(("calinski_harabasz", split, float(calinski_harabasz_score(xs, ys))))
         s_w, s_b, n_classes = scatter_matrices(xs.astype(np.float64), ys)
         out.append(("nc1", split, float(np.trace(s_w @ np.linalg.pinv(s_b, rcond=1e-6, hermitian=True)) / n_classes)))

@@ -126,3 +126,14 @@ def test_nc1_and_participation_ratio_on_known_geometry():
     assert nc1(tight) < 1e-3 < nc1(loose)
     assert plot.participation_ratio(rng.randn(2000, 10)) == pytest.approx(10, rel=0.1)
     assert plot.participation_ratio(np.outer(rng.randn(500), rng.randn(10)) + 1e-6 * rng.randn(500, 10)) < 1.1
+
+
+def test_davies_bouldin_matches_sklearn():
+    from sklearn.metrics import davies_bouldin_score
+
+    rng = np.random.RandomState(0)
+    y = rng.randint(0, 13, 600)
+    x = (rng.randn(13, 16) * 3)[y] + rng.randn(600, 16)
+    assert plot.davies_bouldin(x.astype(np.float32), y) == pytest.approx(davies_bouldin_score(x, y), rel=1e-5)
+    y[y == 4] = 5  # a class absent, another merged
+    assert plot.davies_bouldin(x, y) == pytest.approx(davies_bouldin_score(x, y), rel=1e-5)
