@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import wait as wait_for_connections
 
@@ -183,7 +183,7 @@ def parse_args(argv=None) -> Config:
     parser = _OneLineParser(
         prog="experiment.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
@@ -194,7 +194,6 @@ def parse_args(argv=None) -> Config:
                             nargs="?" if is_bool else None, const=True if is_bool else None,
                             metavar=hints[f.name].__name__.upper() if isinstance(hints[f.name], type) else "LIST",
                             help=f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%"))
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     try:
         cfg = Config(**vars(parser.parse_args(argv)))
         validate(cfg)
