@@ -719,6 +719,11 @@ def summary_markdown(by_op: dict, run_names: dict, rows_by: dict, figures: list)
 
 # ----------------------------------------------------------------------------- main
 def _limit_threads() -> None:
+    """One thread per worker process. The libraries must be loaded first: threadpoolctl only limits those
+    already loaded, and sklearn's OpenMP and scipy's OpenBLAS would otherwise spin 2 threads per worker."""
+    import sklearn.manifold  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import sklearn.neighbors  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)

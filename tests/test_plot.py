@@ -1,7 +1,10 @@
 """plot.py as a user runs it, on the tiny run and on odd folders."""
 import csv
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -137,3 +140,15 @@ def test_davies_bouldin_matches_sklearn():
     assert plot.davies_bouldin(x.astype(np.float32), y) == pytest.approx(davies_bouldin_score(x, y), rel=1e-5)
     y[y == 4] = 5  # a class absent, another merged
     assert plot.davies_bouldin(x, y) == pytest.approx(davies_bouldin_score(x, y), rel=1e-5)
+
+
+def test_worker_processes_use_one_thread_in_every_library():
+    """Two workers on two cores: a library left at 2 threads oversubscribes and spins (3x slower)."""
+    code = ("import json, plot; plot._limit_threads(); from threadpoolctl import threadpool_info; "
+            "print(json.dumps([(i['internal_api'], i['num_threads']) for i in threadpool_info()]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=plot.os.path.dirname(plot.__file__),
+                         env={**os.environ, "OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "4"},
+                         capture_output=True, text=True, check=True).stdout
+    found = json.loads(out)
+    assert {api for api, _ in found} >= {"openmp", "openblas"}
+    assert all(threads == 1 for _, threads in found), found
