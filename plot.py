@@ -404,6 +404,15 @@ def mean_stderr(values: np.ndarray):
     return mean, values.std(0, ddof=1) / np.sqrt(len(values))
 
 
+def format_mean_stderr(values, mean_format: str, err_format: str) -> str:
+    """'mean ± stderr' over seeds; one seed has no stderr, so it is shown alone, marked n=1."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 1:
+        return f"{values[0]:{mean_format}} (n=1)"
+    mean, err = mean_stderr(values[:, None])
+    return f"{mean[0]:{mean_format}} ± {err[0]:{err_format}}"
+
+
 def grok_summary(pairs: list):
     """(steps of the grokked seeds, number of seeds)."""
     steps = [p.grok_step for p in pairs if p.grok_step is not None]
@@ -414,8 +423,8 @@ def describe_grokking(pairs: list) -> str:
     steps, n = grok_summary(pairs)
     if not steps:
         return f"never grokked (0/{n} seeds)"
-    mean, err = mean_stderr(np.array(steps, dtype=float))
-    return f"{mean:.0f} ± {err:.0f} ({len(steps)}/{n} seeds grokked)"
+    shown = f"{steps[0]}" if len(steps) == 1 else format_mean_stderr(steps, ".0f", ".0f")
+    return f"{shown} ({len(steps)}/{n} seeds grokked)"
 
 
 def mark_grokking(ax, pairs: list, color) -> None:
@@ -706,8 +715,7 @@ def summary_markdown(by_op: dict, run_names: dict, rows_by: dict, figures: list)
                         if len(v) == 0:
                             cells.append("n/a")
                         else:
-                            mean, err = mean_stderr(v[:, None])
-                            cells.append(f"{mean[0]:.3g} ± {err[0]:.2g}")
+                            cells.append(format_mean_stderr(v, ".3g", ".2g"))
                     lines.append(f"| {layer} | {metric} | {split} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["## Figures", ""]

@@ -152,3 +152,15 @@ def test_worker_processes_use_one_thread_in_every_library():
     found = json.loads(out)
     assert {api for api, _ in found} >= {"openmp", "openblas"}
     assert all(threads == 1 for _, threads in found), found
+
+
+def test_grokking_step_summary_never_invents_a_stderr():
+    def pair(seed, step):
+        final = {"step_val_acc_99": step if step else 7500, "grokked": step is not None}
+        return plot.Pair("run_0", "x_plus_y", seed, "", [], final)
+
+    assert plot.describe_grokking([pair(0, 3070), pair(1, None), pair(2, None)]) == "3070 (1/3 seeds grokked)"
+    assert plot.describe_grokking([pair(0, None), pair(1, None)]) == "never grokked (0/2 seeds)"
+    # 2000 and 3000: mean 2500, std (ddof=1) 707.1, stderr 707.1 / sqrt(2) = 500
+    assert plot.describe_grokking([pair(0, 2000), pair(1, 3000), pair(2, None)]) == "2500 ± 500 (2/3 seeds grokked)"
+    assert plot.format_mean_stderr([0.25], ".3g", ".2g") == "0.25 (n=1)"
