@@ -15,7 +15,9 @@ Phases, metrics and the cache are described in README.md ("plot.py").
 
 import argparse
 import glob
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -56,7 +58,7 @@ PHASES = ("before", "during", "after")
 CURVES = [("train_loss", "Training loss"), ("val_loss", "Validation loss"),
           ("train_acc", "Training accuracy"), ("val_acc", "Validation accuracy")]
 CYCLIC_OPS = ("x_plus_y", "x_minus_y", "x_div_y")
-# Bump when a metric's definition changes: it invalidates the cache.
+# Bump to invalidate every cached metric (editing the metric functions themselves already does: see code_key).
 ANALYSIS_VERSION = 1
 
 
@@ -331,6 +333,23 @@ def file_key(path: str) -> str:
     return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+@functools.cache
+def code_key(kind: str) -> str:
+    """Hash of the code behind cached results, so that editing it redraws or recomputes them.
+
+    "metrics": the functions that compute the metrics (editing a figure leaves them cached);
+    "figures": all of plot.py.
+    """
+    if kind == "metrics":
+        functions = (load_snapshot, read_examples, scatter_matrices, davies_bouldin, participation_ratio,
+                     snapshot_metrics, Settings)
+        text = "".join(inspect.getsource(f) for f in functions)
+    else:
+        with open(os.path.abspath(__file__)) as f:
+            text = f.read()
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def settings_key(settings: Settings, *extra) -> str:
     text = json.dumps([ANALYSIS_VERSION, vars(settings), *extra], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -343,7 +362,7 @@ def pair_metrics(pair: Pair, settings: Settings, cache_dir: str) -> list:
         cache = read_json(cache_path)
     except (OSError, ValueError):
         cache = {}
-    key_of = {s["file"]: settings_key(settings, file_key(s["path"])) for s in pair.snapshots}
+    key_of = {s["file"]: settings_key(settings, code_key("metrics"), file_key(s["path"])) for s in pair.snapshots}
     missing = [s for s in pair.snapshots if cache.get(s["file"], {}).get("key") != key_of[s["file"]]]
     if missing:
         try:
@@ -524,7 +543,7 @@ def representation_figures(pair: Pair, settings: Settings, out_dir: str) -> list
                          f"{100 * pca.explained_variance_ratio_[1]:.1f}%)", fontsize=8)
         axes[0][0].legend(fontsize=7, loc="lower left", markerscale=2)
         fig.suptitle(f"PCA of the {layer} block ({module}) at the answer position: {pair.run}, {pair.op}, "
-                     f"seed {pair.seed}, {grok}; colour = answer class, o train, x val", fontsize=9)
+                     f"seed {pair.seed}, {grok}; colour = answer class, o train, x val", fontsize=9, y=1.03)
         path = os.path.join(out_dir, f"pca_{base}_{layer}.png")
         save(fig, path)
         written.append((path, f"PCA of the {layer} layer of {pair.op} (run {pair.run}, seed {pair.seed}) before, "
@@ -541,9 +560,10 @@ def representation_figures(pair: Pair, settings: Settings, out_dir: str) -> list
             init = xy / max(np.std(xy[:, 0]), 1e-12) * 1e-4  # next panel starts from this layout, rescaled
             scatter_panel(ax, xy, y[tsne_rows], is_train[tsne_rows], pair.op, n_classes)
             ax.set_title(f"{label}: step {snap['step']}, val acc {snap['val_acc']:.2f}", fontsize=8)
+        axes[0][0].legend(fontsize=7, loc="lower left", markerscale=2)
         fig.suptitle(f"t-SNE of the {layer} block ({module}): {pair.run}, {pair.op}, seed {pair.seed}, {grok}; "
                      f"{len(tsne_rows)} pairs stratified by class; each panel starts from the previous layout",
-                     fontsize=9)
+                     fontsize=9, y=1.0)
         path = os.path.join(out_dir, f"tsne_{base}_{layer}.png")
         save(fig, path)
         written.append((path, f"t-SNE of the {layer} layer of {pair.op} (run {pair.run}, seed {pair.seed}) at the "
@@ -551,13 +571,21 @@ def representation_figures(pair: Pair, settings: Settings, out_dir: str) -> list
     return written
 
 
-def plot_over_seeds(ax, rows: list, color, label: str, marker=None) -> None:
-    """Mean ± stderr over seeds of one metric's rows, at the steps every seed has."""
+def plot_over_seeds(ax, rows: list, color, label: str, marker=None, each_seed=False) -> None:
+    """Mean ± stderr over seeds of one metric's rows, at the steps every seed has.
+
+    each_seed: also a thin line per seed through all of its own steps (the threshold snapshots around
+    its transition are its own, so the mean cannot show them).
+    """
     by_seed = {}
     for r in rows:
         by_seed.setdefault(r["seed"], {})[r["step"]] = r["value"]
     if not by_seed:
         return
+    if each_seed:
+        for values in by_seed.values():
+            steps = sorted(values)
+            ax.plot(steps, [values[s] for s in steps], color=color, linewidth=0.6, alpha=0.45)
     common = sorted(set.intersection(*(set(v) for v in by_seed.values())))
     mean, err = mean_stderr(np.array([[v[s] for s in common] for v in by_seed.values()]))
     ax.plot(common, mean, color=color, marker=marker, markersize=3, label=f"{label} (n={len(by_seed)})")
@@ -579,7 +607,7 @@ def metric_figures(run: str, op: str, pairs: list, rows: list, out_dir: str) -> 
         for ax, metric in zip(axes.flat, METRIC_SPLITS):
             for j, split in enumerate(METRIC_SPLITS[metric]):
                 plot_over_seeds(ax, [r for r in mine if r["metric"] == metric and r["split"] == split],
-                                f"C{j}", split, marker="o")
+                                f"C{j}", split, marker="o", each_seed=True)
             twin = ax.twinx()
             twin.plot(log_steps, val_mean, color="grey", linewidth=0.8, alpha=0.7)
             twin.set_ylim(-0.02, 1.02)
@@ -762,9 +790,9 @@ class FigureCache:
 
 def inputs_key(settings: Settings, pairs: list, *extra) -> str:
     """Cache key of figures drawn from these pairs' logs, results and snapshots."""
-    return settings_key(settings, *extra, [(p.run, p.op, p.seed, len(p.log), p.log[-1], p.grok_step,
-                                            [(file_key(s["path"]), s["val_acc"]) for s in p.snapshots])
-                                           for p in pairs])
+    inputs = [(p.run, p.op, p.seed, len(p.log), p.log[-1], p.grok_step,
+               [(file_key(s["path"]), s["val_acc"]) for s in p.snapshots]) for p in pairs]
+    return settings_key(settings, code_key("figures"), *extra, inputs)
 
 
 def parse_args(argv=None):

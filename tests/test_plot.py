@@ -164,3 +164,33 @@ def test_grokking_step_summary_never_invents_a_stderr():
     # 2000 and 3000: mean 2500, std (ddof=1) 707.1, stderr 707.1 / sqrt(2) = 500
     assert plot.describe_grokking([pair(0, 2000), pair(1, 3000), pair(2, None)]) == "2500 ± 500 (2/3 seeds grokked)"
     assert plot.format_mean_stderr([0.25], ".3g", ".2g") == "0.25 (n=1)"
+
+
+def test_editing_plot_py_redraws_and_editing_a_metric_recomputes(plotted, tmp_path):
+    """Research code gets edited: a cached figure or metric must not outlive the code that made it."""
+    cwd, _ = plotted
+    work = tmp_path / "work"
+    shutil.copytree(cwd, work)
+    source = open(plot.__file__).read()
+    edited = work / "plot_edited.py"
+
+    def run_edited(text):
+        edited.write_text(text)
+        subprocess.run([sys.executable, str(edited)], cwd=work, check=True, capture_output=True)
+
+    def mtimes():
+        cached = {f"cache/{p.name}": p.stat().st_mtime_ns for p in work.glob(".plot_cache/metrics_*.json")}
+        return {**cached, **{p.name: p.stat().st_mtime_ns for p in work.glob("*.png")}}
+
+    run_edited(source)  # the copy's own path: its first run fills the cache
+    before = mtimes()
+    assert sum(n.startswith("cache/") for n in before) == 4 and sum(n.endswith(".png") for n in before) > 10
+    run_edited(source.replace('fontsize=8)\n', 'fontsize=7)\n', 1))  # a figure edit only
+    after_figure_edit = mtimes()
+    assert all(after_figure_edit[n] != before[n] for n in before if n.endswith(".png"))
+    assert all(after_figure_edit[n] == before[n] for n in before if n.startswith("cache/"))
+    assert source.count("sample = min(settings.silhouette_sample, len(ys))") == 1
+    run_edited(source.replace("sample = min(settings.silhouette_sample, len(ys))",
+                              "sample = min(settings.silhouette_sample // 2, len(ys))"))
+    after_metric_edit = mtimes()
+    assert all(after_metric_edit[n] != after_figure_edit[n] for n in before if n.startswith("cache/"))
