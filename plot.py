@@ -620,7 +620,8 @@ def metric_figures(run: str, op: str, pairs: list, rows: list, out_dir: str) -> 
             ax.grid(alpha=0.3)
         axes.flat[-1].axis("off")
         axes.flat[-1].text(0.0, 0.5, f"{run}, {op}, {layer} layer\nmean ± stderr over seeds at the steps\n"
-                                     f"every seed captured; dotted: grokking steps\n"
+                                     f"every seed captured; thin lines: each seed\n"
+                                     f"with its own transition snapshots; dotted: grokking steps\n"
                                      f"grokking step: {describe_grokking(pairs)}", fontsize=9, va="center")
         fig.suptitle(f"Representation geometry of the {layer} layer over training: {run}, {op}", fontsize=11)
         fig.subplots_adjust(wspace=0.5, hspace=0.35)
