@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -92,6 +93,10 @@ class UsageError(Exception):
 
 class PluginError(Exception):
     """A plugin raised; the message names the plugin, the hook and the step."""
+
+
+class WorkerError(Exception):
+    """A training process failed or died; the message names the (op, seed)."""
 
 
 def is_prime(n: int) -> bool:
@@ -1082,6 +1087,12 @@ def _train_in_worker(cfg: Config, op: str, seed: int, threads: int, conn) -> Non
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    # tqdm (which datasets uses, bars off or on) makes a multiprocessing lock, a named semaphore that a child
+    # killed before its exit-time clean-up leaks, and the resource tracker then warns on stderr. A child
+    # draws no bar, so a thread lock does.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     torch.set_num_threads(threads)
     try:
         record = train_one(cfg, op, seed, report=lambda *args: conn.send(("progress", args)))
@@ -1092,7 +1103,8 @@ def _train_in_worker(cfg: Config, op: str, seed: int, threads: int, conn) -> Non
         import traceback
 
         conn.send(("error", f"{op} seed {seed} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
+    finally:  # from here on the child only exits: a stop signal now would break its clean-up, not the training
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         conn.close()
 
 
@@ -1111,8 +1123,9 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
         return
     ctx = get_context("spawn")
     waiting, running, unfinished = list(todo), {}, len(todo)  # running: pipe -> child process
+    reported = set()  # pipes whose child has sent its results
     try:
-        while unfinished:
+        while unfinished or running:  # a child that has reported still has to exit: wait, never kill it then
             while waiting and len(running) < workers:
                 op, seed = waiting.pop(0)
                 receiver, sender = ctx.Pipe(duplex=False)  # a pipe per child: no locks for Ctrl-C to break
@@ -1120,30 +1133,39 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
                 child.start()
                 sender.close()
                 running[receiver] = child
+                child.name = f"{op} seed {seed}"
             for receiver in wait_for_connections(list(running), timeout=1.0):
                 try:
                     kind, payload = receiver.recv()
-                except EOFError:  # the child has exited
+                except EOFError:  # the child is exiting
                     child = running.pop(receiver)
+                    if receiver in reported:  # its results are written: let it clean up, but not hang the run
+                        child.join(timeout=60)
+                        if child.is_alive():
+                            child.kill()  # it ignores SIGTERM by now
+                            child.join()
+                        continue
                     child.join()
-                    if child.exitcode != 0:
-                        raise RuntimeError(f"a training process died (exit code {child.exitcode})")
-                    continue
+                    raise WorkerError(f"the process training {child.name} ended without reporting its results "
+                                      f"(exit code {child.exitcode})")
                 if kind == "progress":
                     progress(*payload)
                 elif kind == "done":
                     _finished(progress, payload)
+                    reported.add(receiver)
                     unfinished -= 1
                 elif kind == "plugin_error":
                     raise PluginError(payload)
                 else:
-                    raise RuntimeError(payload)
-            if not running and not waiting and unfinished:
-                raise RuntimeError("training processes ended without reporting their results")
+                    raise WorkerError(payload)
     finally:
         for child in running.values():  # Ctrl-C or an error: stop the pairs in flight (they restart on resume)
-            child.terminate()
-            child.join()
+            child.terminate()  # a child that is already exiting ignores it and finishes its clean-up
+        for child in running.values():
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+                child.join()
 
 
 def main(cfg: Config) -> dict:
@@ -1197,7 +1219,7 @@ if __name__ == "__main__":
     except UsageError as e:
         print(f"experiment.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    except PluginError as e:
+    except (PluginError, WorkerError) as e:
         print(f"experiment.py: {e}", file=sys.stderr)
         raise SystemExit(1)
     except KeyboardInterrupt:

@@ -84,6 +84,62 @@ def test_parallel_workers_match_a_sequential_run(tiny_run, tmp_path):
     assert read_json(tmp_path / "seq" / "final_info.json") == read_json(tmp_path / "par" / "final_info.json")
 
 
+PLUGIN_WITH_A_SLOW_EXIT = '''
+import multiprocessing, multiprocessing.util, os, time
+from experiment import Plugin
+
+class SlowExit(Plugin):
+    """x_plus_y finishes last, then takes a while to exit (clean-up that runs before a lock's, as tqdm's)."""
+    name = "slow_exit"
+
+    def on_train_end(self, run, final_info):
+        self.lock = multiprocessing.get_context("spawn").RLock()
+        if run.op == "x_plus_y":
+            time.sleep(3)
+
+        def finish():
+            time.sleep(1.5)
+            open(os.path.join(run.out_dir, "exited_cleanly"), "w").close()
+        multiprocessing.util.Finalize(None, finish, exitpriority=10)
+'''
+
+
+def test_children_that_have_reported_are_left_to_exit_cleanly(tmp_path):
+    """The last child was once killed while exiting: a 'leaked semaphore' warning at the end of a run."""
+    (tmp_path / "slow.py").write_text(PLUGIN_WITH_A_SLOW_EXIT)
+    args = ["--out_dir=r", *TINY, "--seeds=1", "--plugins=slow.py", "--workers=2"]
+    proc = run_script("experiment.py", args, tmp_path)
+    missing = [op for op in ("x_plus_y", "permutation") if not (tmp_path / "r" / f"{op}_0" / "exited_cleanly").exists()]
+    assert missing == []
+    assert "Warning" not in proc.stderr and "leaked" not in proc.stderr
+
+
+PLUGIN_THAT_DIES = '''
+import os
+from experiment import Plugin
+
+class Dies(Plugin):
+    """The process vanishes as if the kernel's OOM killer had taken it."""
+    name = "dies"
+
+    def on_step_end(self, run, step):
+        if run.op == "permutation" and step == 7:
+            os._exit(3)
+'''
+
+
+def test_a_training_process_that_dies_is_named_and_finished_pairs_stay(tmp_path):
+    (tmp_path / "dies.py").write_text(PLUGIN_THAT_DIES)
+    args = ["--out_dir=r", *TINY, "--plugins=dies.py", "--workers=2", "--progress=none"]
+    proc = run_script("experiment.py", args, tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"experiment.py: the process training permutation seed {proc.stderr.split('seed ')[1][0]} ended without "
+        "reporting its results (exit code 3)"]
+    assert (tmp_path / "r" / "final_info_x_plus_y_0.json").exists()
+    assert not (tmp_path / "r" / "final_info.json").exists()
+
+
 @pytest.mark.parametrize("args,words", [
     (["--ops=x_times_y"], "unknown op"),
     (["--p=2"], "at least 3"),
@@ -210,3 +266,38 @@ def test_ctrl_c_stops_every_process_with_one_line_and_keeps_finished_pairs(tmp_p
     resumed = run_script("experiment.py", args[:-1], tmp_path)  # with progress lines
     assert resumed.stderr.count("already finished") == len(finished)
     assert (tmp_path / "run_c" / "final_info.json").exists()
+
+
+PLUGIN_WITH_A_SLOW_CLEAN_UP = '''
+import multiprocessing.util, os, time
+from experiment import Plugin
+
+class SlowCleanUp(Plugin):
+    name = "slow_clean_up"
+
+    def on_train_end(self, run, final_info):
+        def finish():
+            open(os.path.join(run.out_dir, "exiting"), "w").close()
+            time.sleep(2)
+            open(os.path.join(run.out_dir, "exited_cleanly"), "w").close()
+        multiprocessing.util.Finalize(None, finish, exitpriority=10)
+'''
+
+
+def test_ctrl_c_while_a_finished_child_exits_lets_it_finish_quietly(tmp_path):
+    (tmp_path / "slow.py").write_text(PLUGIN_WITH_A_SLOW_CLEAN_UP)
+    args = ["--out_dir=run_c", *TINY[:2], "--steps=3000", *TINY[4:], "--workers=2", "--progress=none",
+            "--plugins=slow.py"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "run_c").glob("*/exiting")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]]  # one line: no child's traceback
+    assert stderr.startswith("experiment.py: interrupted")
+    exiting = list((tmp_path / "run_c").glob("*/exiting"))
+    assert exiting and all((folder.parent / "exited_cleanly").exists() for folder in exiting)
