@@ -469,9 +469,11 @@ def plot_curves(by_op: dict, run_names: dict, out_dir: str) -> list:
                 ax.plot(steps, mean, color=color,
                         label=f"{run_names[run]} (n={len(pairs)}; grokking step {describe_grokking(pairs)})")
                 ax.fill_between(steps, mean - err, mean + err, color=color, alpha=0.2)
+                for row in values:  # each seed, thin: a mean of seeds that grokked and seeds that did not is neither
+                    ax.plot(steps, row, color=color, linewidth=0.5, alpha=0.35)
                 mark_grokking(ax, pairs, color)
-            ax.set_title(f"{title} across runs, {op} (mean ± stderr over seeds; dotted: each seed's grokking step)",
-                         fontsize=9)
+            ax.set_title(f"{title} across runs, {op}\n(mean ± stderr over seeds; thin: each seed; dotted: each seed's "
+                         "grokking step)", fontsize=9)
             ax.set_xlabel("update step")
             ax.set_ylabel(title)
             if key.endswith("loss"):
@@ -481,7 +483,7 @@ def plot_curves(by_op: dict, run_names: dict, out_dir: str) -> list:
             path = os.path.join(out_dir, f"{key}_{op}.png")
             save(fig, path)
             written.append((path, f"{title} of {op} against update step, one line per run (mean over seeds, "
-                                  f"stderr band), dotted lines at each seed's grokking step."))
+                                  f"stderr band, a thin line per seed), dotted lines at each seed's grokking step."))
     return written
 
 
