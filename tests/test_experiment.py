@@ -301,3 +301,19 @@ def test_ctrl_c_while_a_finished_child_exits_lets_it_finish_quietly(tmp_path):
     assert stderr.startswith("experiment.py: interrupted")
     exiting = list((tmp_path / "run_c").glob("*/exiting"))
     assert exiting and all((folder.parent / "exited_cleanly").exists() for folder in exiting)
+
+
+def test_ctrl_c_while_children_start_up_is_one_line(tmp_path):
+    """A child still importing torch when Ctrl-C comes must not print a KeyboardInterrupt traceback."""
+    args = ["--out_dir=run_c", *TINY, "--workers=2"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = proc.stderr.readline()  # printed just before the children are started
+    assert first.startswith("training")
+    time.sleep(0.3)  # the children are now importing torch
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130
+    assert rest.strip().splitlines() == [rest.strip().splitlines()[-1]] and "interrupted" in rest, rest[-3000:]
