@@ -934,6 +934,8 @@ def train_one(cfg: Config, op: str, seed: int, report=None) -> dict:
     start = time.perf_counter()
     model.train()
     for step in range(1, cfg.steps + 1):
+        if _STOP.is_set():  # a stop signal arrived in a child: unwind here, at a known point
+            raise SystemExit(128 + signal.SIGTERM)
         run.step = step
         lr_used = scheduler.get_last_lr()[0]
         batch = torch.randint(n_train, (cfg.batch_size,), device=device, generator=batch_gen)
@@ -1068,6 +1070,15 @@ class Progress:
             self.bar.close()
 
 
+_STOP = threading.Event()  # set by a training child's SIGTERM handler; the training loop checks it every step
+
+
+def _stop_at_next_step(signum, frame):
+    """A child's SIGTERM: raising here could land in any finalizer (an 'Exception ignored' traceback), so only
+    ask the training loop to stop; a child already past its loop finishes its pair and exits."""
+    _STOP.set()
+
+
 def _exit_quietly(signum, frame):
     signal.signal(signum, signal.SIG_IGN)  # once is enough: a second signal would interrupt the clean-up
     raise SystemExit(128 + signum)
@@ -1080,7 +1091,7 @@ def _train_in_worker(cfg: Config, op: str, seed: int, threads: int, conn) -> Non
     printed, not a traceback per process.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_quietly)  # the parent's stop: clean up temporary files and locks
+    signal.signal(signal.SIGTERM, _stop_at_next_step)  # the parent's stop; the training loop unwinds, cleaning up
     try:  # Linux: if the parent dies (kill -9), get SIGTERM rather than train on as an orphan
         import ctypes
 
@@ -1103,8 +1114,7 @@ def _train_in_worker(cfg: Config, op: str, seed: int, threads: int, conn) -> Non
         import traceback
 
         conn.send(("error", f"{op} seed {seed} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:  # from here on the child only exits: a stop signal now would break its clean-up, not the training
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    finally:
         conn.close()
 
 
@@ -1142,7 +1152,7 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
                     if receiver in reported:  # its results are written: let it clean up, but not hang the run
                         child.join(timeout=60)
                         if child.is_alive():
-                            child.kill()  # it ignores SIGTERM by now
+                            child.kill()  # past its training loop it no longer acts on SIGTERM
                             child.join()
                         continue
                     child.join()
@@ -1160,7 +1170,7 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
                     raise WorkerError(payload)
     finally:
         for child in running.values():  # Ctrl-C or an error: stop the pairs in flight (they restart on resume)
-            child.terminate()  # a child that is already exiting ignores it and finishes its clean-up
+            child.terminate()  # stops at its next step; a child past its loop finishes and exits
         for child in running.values():
             child.join(timeout=60)
             if child.is_alive():

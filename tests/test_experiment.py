@@ -317,3 +317,20 @@ def test_ctrl_c_while_children_start_up_is_one_line(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == 130
     assert rest.strip().splitlines() == [rest.strip().splitlines()[-1]] and "interrupted" in rest, rest[-3000:]
+
+
+def test_sigterm_from_a_harness_stops_with_one_line_and_no_partial_files(tmp_path):
+    """A harness's timeout signals the main process only; its children must stop too, cleaning up."""
+    args = ["--out_dir=run_t", *TINY[:2], "--steps=3000", *TINY[4:], "--workers=2", "--progress=none"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "run_t").glob("*/activations/step_001000.safetensors")) and time.time() < deadline:
+        time.sleep(0.05)  # mid-training
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 143
+    assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]] and "terminated" in stderr, stderr[-3000:]
+    assert not [f for _, _, files in os.walk(tmp_path / "run_t") for f in files if ".partial-" in f]
+    assert not (tmp_path / "run_t" / "final_info.json").exists()
