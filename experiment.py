@@ -1070,12 +1070,12 @@ class Progress:
             self.bar.close()
 
 
-_STOP = threading.Event()  # set by a training child's SIGTERM handler; the training loop checks it every step
+_STOP = threading.Event()  # set by SIGTERM while training; the training loop checks it every step
 
 
 def _stop_at_next_step(signum, frame):
-    """A child's SIGTERM: raising here could land in any finalizer (an 'Exception ignored' traceback), so only
-    ask the training loop to stop; a child already past its loop finishes its pair and exits."""
+    """SIGTERM while training: raising here could land in any finalizer (an 'Exception ignored' traceback), so
+    only ask the training loop to stop; a process already past its loop finishes its pair first."""
     _STOP.set()
 
 
@@ -1127,9 +1127,15 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
     """Train the (op, seed) pairs in todo, in this process or in up to `workers` child processes."""
     if workers == 1:
         torch.set_num_threads(threads)
-        for op, seed in todo:
-            progress.line(f"{op} seed {seed}: start")
-            _finished(progress, train_one(cfg, op, seed, report=progress))
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _stop_at_next_step) if in_main_thread else None
+        try:  # SIGTERM stops the training loop at its next step, as in a child
+            for op, seed in todo:
+                progress.line(f"{op} seed {seed}: start")
+                _finished(progress, train_one(cfg, op, seed, report=progress))
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
         return
     ctx = get_context("spawn")
     waiting, running, unfinished = list(todo), {}, len(todo)  # running: pipe -> child process
