@@ -319,9 +319,10 @@ def test_ctrl_c_while_children_start_up_is_one_line(tmp_path):
     assert rest.strip().splitlines() == [rest.strip().splitlines()[-1]] and "interrupted" in rest, rest[-3000:]
 
 
-def test_sigterm_from_a_harness_stops_with_one_line_and_no_partial_files(tmp_path):
-    """A harness's timeout signals the main process only; its children must stop too, cleaning up."""
-    args = ["--out_dir=run_t", *TINY[:2], "--steps=3000", *TINY[4:], "--workers=2", "--progress=none"]
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_from_a_harness_stops_with_one_line_and_no_partial_files(tmp_path, workers):
+    """A harness's timeout signals the main process only; it and its children must stop, cleaning up."""
+    args = ["--out_dir=run_t", *TINY[:2], "--steps=3000", *TINY[4:], f"--workers={workers}", "--progress=none"]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
