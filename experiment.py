@@ -1087,8 +1087,8 @@ def _exit_quietly(signum, frame):
 def _train_in_worker(cfg: Config, op: str, seed: int, threads: int, conn) -> None:
     """train_one in a child process: progress, then the record or the error, go back through `conn`.
 
-    The child ignores Ctrl-C: the parent stops it (SIGTERM, which unwinds normally), so one line is
-    printed, not a traceback per process.
+    The child ignores Ctrl-C: the parent stops it with SIGTERM, on which the training loop unwinds at its
+    next step, so one line is printed, not a traceback per process.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_at_next_step)  # the parent's stop; the training loop unwinds, cleaning up
@@ -1116,6 +1116,15 @@ def _train_in_worker(cfg: Config, op: str, seed: int, threads: int, conn) -> Non
         conn.send(("error", f"{op} seed {seed} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
         conn.close()
+
+
+def _reap(child, timeout: float = 60) -> None:
+    """Wait for a child to exit; one that is past its training loop no longer acts on SIGTERM, so kill it
+    if its clean-up hangs."""
+    child.join(timeout=timeout)
+    if child.is_alive():
+        child.kill()
+        child.join()
 
 
 def _finished(progress, record) -> None:
@@ -1156,10 +1165,7 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
                 except EOFError:  # the child is exiting
                     child = running.pop(receiver)
                     if receiver in reported:  # its results are written: let it clean up, but not hang the run
-                        child.join(timeout=60)
-                        if child.is_alive():
-                            child.kill()  # past its training loop it no longer acts on SIGTERM
-                            child.join()
+                        _reap(child)
                         continue
                     child.join()
                     raise WorkerError(f"the process training {child.name} ended without reporting its results "
@@ -1178,10 +1184,7 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
         for child in running.values():  # Ctrl-C or an error: stop the pairs in flight (they restart on resume)
             child.terminate()  # stops at its next step; a child past its loop finishes and exits
         for child in running.values():
-            child.join(timeout=60)
-            if child.is_alive():
-                child.kill()
-                child.join()
+            _reap(child)
 
 
 def main(cfg: Config) -> dict:

@@ -15,6 +15,24 @@ from conftest import ROOT, TINY, read_json, run_script
 TEMPLATE_KEYS = ["final_train_loss", "final_val_loss", "final_train_acc", "final_val_acc", "step_val_acc_99"]
 
 
+def start_experiment(args, cwd, stderr=subprocess.PIPE, new_session=False):
+    """experiment.py in the background, as a user or a harness starts it."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=cwd,
+                            env={**os.environ, "PYTHONHASHSEED": "0"}, stdout=subprocess.DEVNULL, stderr=stderr,
+                            text=True, start_new_session=new_session)
+
+
+def wait_for(folder, pattern, poll=0.05, timeout=300):
+    """Until a file matching pattern exists under folder (or the timeout)."""
+    deadline = time.time() + timeout
+    while not list(folder.glob(pattern)) and time.time() < deadline:
+        time.sleep(poll)
+
+
+def partial_files(folder):
+    return [f for _, _, files in os.walk(folder) for f in files if ".partial-" in f]
+
+
 def test_final_info_has_the_template_schema(tiny_run):
     info = read_json(tiny_run / "final_info.json")
     assert list(info) == ["x_plus_y", "permutation"]
@@ -204,9 +222,7 @@ def test_changed_config_is_refused_unless_overwrite(tiny_run, tmp_path):
 
 def test_resume_after_kill_gives_the_uninterrupted_results(tiny_run, tmp_path):
     args = ["--out_dir=run_k", *TINY[:-4], "--steps=400", "--batch_size=64", "--d_model=32", "--workers=1"]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_experiment(args, tmp_path, stderr=subprocess.DEVNULL)
     first = tmp_path / "run_k" / "final_info_x_plus_y_0.json"
     deadline = time.time() + 300
     while not first.exists() and time.time() < deadline and proc.poll() is None:
@@ -221,8 +237,7 @@ def test_resume_after_kill_gives_the_uninterrupted_results(tiny_run, tmp_path):
     assert first.read_text() == before
     run_script("experiment.py", [*args[:1], "--out_dir=run_full", *args[1:]], tmp_path)
     assert read_json(tmp_path / "run_k" / "final_info.json") == read_json(tmp_path / "run_full" / "final_info.json")
-    leftovers = [f for _, _, files in os.walk(tmp_path / "run_k") for f in files if ".partial-" in f]
-    assert leftovers == []
+    assert partial_files(tmp_path / "run_k") == []
 
 
 PLUGIN_THAT_FAILS = '''
@@ -250,17 +265,13 @@ def test_failing_plugin_names_itself_and_keeps_finished_pairs(tmp_path):
 
 def test_ctrl_c_stops_every_process_with_one_line_and_keeps_finished_pairs(tmp_path):
     args = ["--out_dir=run_c", *TINY[:2], "--steps=3000", *TINY[4:], "--workers=2", "--progress=none"]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while not list((tmp_path / "run_c").glob("final_info_*_0.json")) and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_experiment(args, tmp_path, new_session=True)
+    wait_for(tmp_path / "run_c", "final_info_*_0.json")
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert stderr.strip().splitlines()[-1].startswith("experiment.py: interrupted") and "Traceback" not in stderr
-    assert not [f for _, _, files in os.walk(tmp_path / "run_c") for f in files if ".partial-" in f]
+    assert not partial_files(tmp_path / "run_c")
     finished = sorted(p.name for p in (tmp_path / "run_c").glob("final_info_*.json"))
     assert finished and "final_info.json" not in finished
     resumed = run_script("experiment.py", args[:-1], tmp_path)  # with progress lines
@@ -288,12 +299,8 @@ def test_ctrl_c_while_a_finished_child_exits_lets_it_finish_quietly(tmp_path):
     (tmp_path / "slow.py").write_text(PLUGIN_WITH_A_SLOW_CLEAN_UP)
     args = ["--out_dir=run_c", *TINY[:2], "--steps=3000", *TINY[4:], "--workers=2", "--progress=none",
             "--plugins=slow.py"]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while not list((tmp_path / "run_c").glob("*/exiting")) and time.time() < deadline:
-        time.sleep(0.02)
+    proc = start_experiment(args, tmp_path, new_session=True)
+    wait_for(tmp_path / "run_c", "*/exiting", poll=0.02)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -306,9 +313,7 @@ def test_ctrl_c_while_a_finished_child_exits_lets_it_finish_quietly(tmp_path):
 def test_ctrl_c_while_children_start_up_is_one_line(tmp_path):
     """A child still importing torch when Ctrl-C comes must not print a KeyboardInterrupt traceback."""
     args = ["--out_dir=run_c", *TINY, "--workers=2"]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_experiment(args, tmp_path, new_session=True)
     first = proc.stderr.readline()  # printed just before the children are started
     assert first.startswith("training")
     time.sleep(0.3)  # the children are now importing torch
@@ -323,15 +328,11 @@ def test_ctrl_c_while_children_start_up_is_one_line(tmp_path):
 def test_sigterm_from_a_harness_stops_with_one_line_and_no_partial_files(tmp_path, workers):
     """A harness's timeout signals the main process only; it and its children must stop, cleaning up."""
     args = ["--out_dir=run_t", *TINY[:2], "--steps=3000", *TINY[4:], f"--workers={workers}", "--progress=none"]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list((tmp_path / "run_t").glob("*/activations/step_001000.safetensors")) and time.time() < deadline:
-        time.sleep(0.05)  # mid-training
+    proc = start_experiment(args, tmp_path)
+    wait_for(tmp_path / "run_t", "*/activations/step_001000.safetensors")  # mid-training
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 143
     assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]] and "terminated" in stderr, stderr[-3000:]
-    assert not [f for _, _, files in os.walk(tmp_path / "run_t") for f in files if ".partial-" in f]
+    assert not partial_files(tmp_path / "run_t")
     assert not (tmp_path / "run_t" / "final_info.json").exists()
