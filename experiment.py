@@ -24,7 +24,7 @@ import threading
 import time
 import typing
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import get_context, resource_tracker
 from multiprocessing.connection import wait as wait_for_connections
 
 import numpy as np
@@ -1147,6 +1147,9 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
                 signal.signal(signal.SIGTERM, previous)
         return
     ctx = get_context("spawn")
+    # Started now, not inside the first child.start() below: starting it unblocks SIGINT, which the children
+    # must inherit blocked.
+    resource_tracker.ensure_running()
     waiting, running, unfinished = list(todo), {}, len(todo)  # running: pipe -> child process
     reported = set()  # pipes whose child has sent its results
     try:
@@ -1155,7 +1158,13 @@ def train_pairs(cfg: Config, todo: list, workers: int, threads: int, progress) -
                 op, seed = waiting.pop(0)
                 receiver, sender = ctx.Pipe(duplex=False)  # a pipe per child: no locks for Ctrl-C to break
                 child = ctx.Process(target=_train_in_worker, args=(cfg, op, seed, threads, sender), daemon=True)
-                child.start()
+                # The child inherits a blocked SIGINT: a Ctrl-C while it is still starting up (importing torch,
+                # before _train_in_worker runs) would otherwise print its own KeyboardInterrupt traceback.
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    child.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 sender.close()
                 running[receiver] = child
                 child.name = f"{op} seed {seed}"

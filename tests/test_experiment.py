@@ -29,6 +29,18 @@ def wait_for(folder, pattern, poll=0.05, timeout=300):
         time.sleep(poll)
 
 
+def child_pids(pid):
+    """Linux: the direct children of a process."""
+    return [int(c) for task in os.listdir(f"/proc/{pid}/task")
+            for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+
+
+def sigint_blocked(pid):
+    """Linux: whether SIGINT (signal 2, bit 1) is in the process's blocked mask."""
+    mask = next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("SigBlk:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+
+
 def partial_files(folder):
     return [f for _, _, files in os.walk(folder) for f in files if ".partial-" in f]
 
@@ -317,6 +329,8 @@ def test_ctrl_c_while_children_start_up_is_one_line(tmp_path):
     first = proc.stderr.readline()  # printed just before the children are started
     assert first.startswith("training")
     time.sleep(0.3)  # the children are now importing torch
+    workers = [p for p in child_pids(proc.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+    assert len(workers) == 2 and all(sigint_blocked(p) for p in workers)  # from their start, before any handler
     os.killpg(proc.pid, signal.SIGINT)
     rest = proc.stderr.read()
     proc.wait(timeout=60)
