@@ -9,6 +9,7 @@ Writes, into --out_dir (default: here):
     pca_{run}_{op}_{layer}.png, tsne_{run}_{op}_{layer}.png   before / during / after grokking
     metrics_{run}_{op}_{layer}.png                            cluster metrics over training
     metrics.csv, metrics.parquet                              every number, one tidy table
+    leadlag.csv, spikes.csv                                   who moves first; spikes after grokking per seed
     analysis_summary.md                                       paste-ready summary for notes.txt
 Phases, metrics and the cache are described in README.md ("plot.py").
 """
@@ -248,7 +249,8 @@ def phase_of(val_acc: float) -> str:
 def phase_snapshots(pair: Pair) -> list:
     """[(label, snapshot)] x 3: last 'before' after memorisation (else step 0), nearest 0.5, final.
 
-    A run that never grokked gets step 0, the middle snapshot and the final one.
+    When the final snapshot is not 'after' (the run ends in a spike or a dip below 0.99), the third is the last
+    snapshot that is, labelled so. A run that never grokked gets step 0, the middle snapshot and the final one.
     """
     snaps = sorted(pair.snapshots, key=lambda s: s["step"])
     if not snaps:
@@ -260,7 +262,88 @@ def phase_snapshots(pair: Pair) -> list:
     before = [s for s in snaps if phase_of(s["val_acc"]) == "before" and s["step"] >= memorised]
     first = before[-1] if before else snaps[0]
     during = min(snaps, key=lambda s: abs(s["val_acc"] - 0.5) if s["val_acc"] == s["val_acc"] else math.inf)
-    return [("before", first), ("during", during), ("after", final)]
+    grokked = [s for s in snaps if phase_of(s["val_acc"]) == "after"]
+    if phase_of(final["val_acc"]) == "after" or not grokked:
+        return [("before", first), ("during", during), ("after", final)]
+    # The run ends in a spike or a dip: "after grokking" is the last snapshot that is.
+    return [("before", first), ("during", during),
+            ("after (final snapshot: val acc " + f"{final['val_acc']:.2f})", grokked[-1])]
+
+
+SPIKE_BELOW = 0.9  # a spike after grokking: train or val accuracy below this at an evaluation
+TAIL_SHARE = 0.1  # how a seed ends is also read over this last share of its steps
+
+
+def spikes_after_grokking(pair: Pair) -> list:
+    """Loss spikes after grokking (the "slingshots" of Thilak et al. 2022): maximal runs of consecutive evaluations
+    after the grokking step at which train or val accuracy is below SPIKE_BELOW. One dict per spike: from_step (the
+    last evaluation before it), start, end (its first and last evaluation), min_train_acc, min_val_acc."""
+    if pair.grok_step is None:
+        return []
+    found, current, previous = [], None, None
+    for r in pair.log:
+        if r["step"] > pair.grok_step and min(r["train_acc"], r["val_acc"]) < SPIKE_BELOW:
+            if current is None:
+                current = {"from_step": previous, "start": r["step"], "end": r["step"],
+                           "min_train_acc": r["train_acc"], "min_val_acc": r["val_acc"]}
+                found.append(current)
+            current["end"] = r["step"]
+            current["min_train_acc"] = min(current["min_train_acc"], r["train_acc"])
+            current["min_val_acc"] = min(current["min_val_acc"], r["val_acc"])
+        else:
+            current = None
+        previous = r["step"]
+    return found
+
+
+def end_state(pair: Pair) -> dict:
+    """How a seed ends: its spikes after grokking, whether the last evaluation is inside one, the final val accuracy
+    and the median val accuracy over the last TAIL_SHARE of its steps."""
+    last = pair.log[-1]["step"]
+    tail = [r["val_acc"] for r in pair.log if r["step"] >= last * (1 - TAIL_SHARE)]
+    found = spikes_after_grokking(pair)
+    return {"spikes": found, "ends_in_spike": bool(found) and found[-1]["end"] == last,
+            "final_val_acc": pair.log[-1]["val_acc"], "tail_val_acc": float(np.median(tail)), "last_step": last}
+
+
+def describe_spikes(pairs: list, say_none: bool = True) -> list:
+    """Sentences on the spikes after grokking: how many, in which seeds, and every seed that ends inside one
+    (say_none: also say when there are none)."""
+    grokked = [p for p in pairs if p.grok_step is not None]
+    if not grokked:
+        return []
+    states = {p.seed: end_state(p) for p in grokked}
+    counts = {seed: len(state["spikes"]) for seed, state in states.items()}
+    if not any(counts.values()):
+        text = f"No spike after grokking in the {len(grokked)} grokked seed(s)" if say_none else ""
+    else:
+        lowest = min(s["min_val_acc"] for state in states.values() for s in state["spikes"])
+        text = (f"Spikes after grokking (train or val acc < {SPIKE_BELOW} at an evaluation): {sum(counts.values())} "
+                f"in {sum(1 for c in counts.values() if c)} of {len(grokked)} grokked seeds ("
+                + ", ".join(f"seed {seed}: {c}" for seed, c in counts.items()) + f"; lowest val acc {lowest:.2f})")
+    sentences = [text + "."] if text else []
+    for seed, state in states.items():
+        if state["ends_in_spike"]:
+            sentences.append(f"Seed {seed} ends in a spike: val acc {state['final_val_acc']:.2f} at the last step, "
+                             f"{state['tail_val_acc']:.2f} (median) over the last {TAIL_SHARE:.0%} of steps.")
+    return sentences
+
+
+def spike_rows(pairs: list) -> list:
+    """Rows of spikes.csv: one per seed that grokked."""
+    rows = []
+    for p in pairs:
+        if p.grok_step is None:
+            continue
+        state = end_state(p)
+        found = state["spikes"]
+        rows.append({"run": p.run, "op": p.op, "seed": p.seed, "grok_step": p.grok_step, "spikes": len(found),
+                     "spike_steps": ";".join(str(s["start"]) for s in found),
+                     "min_train_acc": min((s["min_train_acc"] for s in found), default=""),
+                     "min_val_acc": min((s["min_val_acc"] for s in found), default=""),
+                     "ends_in_spike": state["ends_in_spike"], "final_val_acc": state["final_val_acc"],
+                     "tail_val_acc": state["tail_val_acc"]})
+    return rows
 
 
 def discover_runs(args) -> dict:
@@ -455,6 +538,17 @@ def mark_grokking(ax, pairs: list, color) -> None:
             ax.axvline(p.grok_step, color=color, linestyle=":", linewidth=1, alpha=0.8)
 
 
+def mark_spikes(ax, pairs: list, key: str, color) -> None:
+    """Shade each seed's spikes after grokking; an x on the last value of a seed that ends inside one."""
+    for p in pairs:
+        state = end_state(p) if p.grok_step is not None else {"spikes": [], "ends_in_spike": False}
+        for spike in state["spikes"]:
+            ax.axvspan(spike["from_step"], spike["end"], color=color, alpha=0.12, linewidth=0)
+        last = p.log[-1]
+        if state["ends_in_spike"] and isinstance(last.get(key), (int, float)):
+            ax.plot([last["step"]], [last[key]], marker="x", color=color, markersize=8, mew=2)
+
+
 def plot_curves(by_op: dict, run_names: dict, out_dir: str) -> list:
     """The template's 4 curve files per op; mean over seeds with a stderr band."""
     written = []
@@ -475,8 +569,9 @@ def plot_curves(by_op: dict, run_names: dict, out_dir: str) -> list:
                 for row in values:  # each seed, thin: a mean of seeds that grokked and seeds that did not is neither
                     ax.plot(steps, row, color=color, linewidth=0.5, alpha=0.35)
                 mark_grokking(ax, pairs, color)
+                mark_spikes(ax, pairs, key, color)
             ax.set_title(f"{title} across runs, {op}\n(mean ± stderr over seeds; thin: each seed; dotted: each seed's "
-                         "grokking step)", fontsize=9)
+                         f"grokking step; shaded: spikes after grokking; x: a seed that ends in one)", fontsize=9)
             ax.set_xlabel("update step")
             ax.set_ylabel(title)
             if key.endswith("loss"):
@@ -486,7 +581,8 @@ def plot_curves(by_op: dict, run_names: dict, out_dir: str) -> list:
             path = os.path.join(out_dir, f"{key}_{op}.png")
             save(fig, path)
             written.append((path, f"{title} of {op} against update step, one line per run (mean over seeds, "
-                                  f"stderr band, a thin line per seed), dotted lines at each seed's grokking step."))
+                                  f"stderr band, a thin line per seed), dotted lines at each seed's grokking step, "
+                                  f"spikes after grokking shaded, an x where a seed ends inside one."))
     return written
 
 
@@ -1091,7 +1187,11 @@ def summary_markdown(by_op: dict, run_names: dict, rows_by: dict, figures: list,
     lines += ["- `metrics.csv` / `metrics.parquet`: every metric value, one row per "
               "(run, op, seed, layer, step, split, metric).",
               "- `leadlag.csv`: per grokked seed and measure, the steps t10/t50/t90 at which it completes 10/50/90% "
-              "of its change after memorisation, and its lead over val accuracy's t50.", ""]
+              "of its change after memorisation, and its lead over val accuracy's t50.",
+              f"- `spikes.csv`: per grokked seed, its spikes after grokking (train or val acc < {SPIKE_BELOW} at an "
+              "evaluation after the grokking step; consecutive evaluations are one spike), their first steps, the "
+              f"lowest accuracies, whether the run ends inside one, the final val acc and its median over the last "
+              f"{TAIL_SHARE:.0%} of steps.", ""]
     return "\n".join(lines)
 
 
@@ -1101,7 +1201,9 @@ def run_op_markdown(run: str, op: str, pairs: list, run_names: dict, rows_by: di
     lines = [f"## {run_names[run]} ({run}), {op}", "",
              f"- Grokking step (first step with val acc > 0.99): {describe_grokking(pairs)}.",
              f"- Final val accuracy: {np.mean([p.log[-1]['val_acc'] for p in pairs]):.3f} "
-             f"(mean over {len(pairs)} seeds).", ""]
+             f"(mean over {len(pairs)} seeds; median over the last {TAIL_SHARE:.0%} of steps: "
+             f"{np.mean([end_state(p)['tail_val_acc'] for p in pairs]):.3f}).",
+             *(f"- {sentence}" for sentence in describe_spikes(pairs)), ""]
     rows = rows_by.get((run, op), [])
     if not rows:
         return lines + ["No activation snapshots or measures: no representation metrics.", ""]
@@ -1207,8 +1309,9 @@ def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, f
         for run, pairs in runs.items():
             try:
                 rows = rows_by.get((run, op), [])
-                head = (f"[{run_names[run]}] {op}: grokking step {describe_grokking(pairs)}; final val acc "
-                        f"{np.mean([p.log[-1]['val_acc'] for p in pairs]):.3f}.")
+                head = " ".join([f"[{run_names[run]}] {op}: grokking step {describe_grokking(pairs)}; final val acc "
+                                 f"{np.mean([p.log[-1]['val_acc'] for p in pairs]):.3f}.",
+                                 *describe_spikes(pairs, say_none=False)])
                 changes = [f"{m} ({s}) {b:.3g} -> {a:.3g}" for m, s, b, a in largest_changes(pairs, rows)]
                 table = [t for t in leadlag_table([r for r in leadlag if r["run"] == run and r["op"] == op])
                          if t["n"] and not is_trivial(t)]
@@ -1224,7 +1327,8 @@ def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, f
     def render(n_changes, n_leaders, n_laggers):
         lines = [NOTES_BEGIN,
                  "Full tables: analysis_summary.md (every metric before/during/after, lead-lag tables), metrics.csv "
-                 "(every value per step), leadlag.csv (t10/t50/t90 and lead per seed and measure). Lead = steps by "
+                 "(every value per step), leadlag.csv (t10/t50/t90 and lead per seed and measure), spikes.csv (spikes "
+                 "after grokking per seed). Lead = steps by "
                  "which a measure's 50% point precedes val accuracy's (memorisation to end of training).", ""]
         for head, changes, leaders, laggers, n in sections:
             line = head
@@ -1277,6 +1381,13 @@ def update_notes(path: str, block: str) -> None:
             os.chmod(tmp, mode)
 
     write_atomically(path, write)
+
+
+def write_spikes(pairs: list, out_dir: str) -> None:
+    columns = ["run", "op", "seed", "grok_step", "spikes", "spike_steps", "min_train_acc", "min_val_acc",
+               "ends_in_spike", "final_val_acc", "tail_val_acc"]
+    write_csv(os.path.join(out_dir, "spikes.csv"), columns,
+              ({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in spike_rows(pairs)))
 
 
 def write_leadlag(rows: list, out_dir: str) -> None:
@@ -1437,6 +1548,7 @@ def main(args) -> int:
     drawn.save()
     write_tables(rows, args.out_dir)
     write_leadlag(leadlag, args.out_dir)
+    write_spikes(pairs, args.out_dir)
     summary = os.path.join(args.out_dir, "analysis_summary.md")
     write_text(summary, summary_markdown(by_op, runs, rows_by, sorted(figures), leadlag, left_out))
     if args.notes:

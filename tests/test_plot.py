@@ -187,3 +187,55 @@ def test_editing_plot_py_redraws_and_editing_a_metric_recomputes(plotted, tmp_pa
     run_edited(source)
     after_metric_edit = mtimes()
     assert all(after_metric_edit[n] != after_figure_edit[n] for n in before if n.startswith("cache/"))
+
+
+def spiky_pair(seed, ends_in_spike):
+    """A seed that groks at 300, then spikes at 400-410 and at 700 (and at 1000, its last step, if asked)."""
+    low = {400: (0.5, 0.3), 410: (0.95, 0.6), 700: (0.97, 0.8)} | ({1000: (0.6, 0.49)} if ends_in_spike else {})
+    log = [{"step": s, "train_acc": low.get(s, (1.0, 1.0))[0] if s >= 200 else 0.5,
+            "val_acc": low.get(s, (1.0, 1.0))[1] if s >= 300 else 0.02} for s in range(10, 1001, 10)]
+    for r in log:
+        r["train_loss"], r["val_loss"] = 1.01 - r["train_acc"], 1.01 - r["val_acc"]
+    final = {"step_val_acc_99": 300, "grokked": True, "final_val_acc": log[-1]["val_acc"]}
+    snaps = [{"step": s, "val_acc": val_acc_of(log, s), "path": ""} for s in (0, 250, 500, 1000)]
+    return plot.Pair("r", "x_plus_y", seed, "", log, final, snaps)
+
+
+def val_acc_of(log, step):
+    return next((r["val_acc"] for r in log if r["step"] == step), float("nan"))
+
+
+def test_spikes_after_grokking_are_counted_and_an_end_inside_one_is_said():
+    steady, spiky = spiky_pair(0, ends_in_spike=False), spiky_pair(1, ends_in_spike=True)
+    spikes = plot.spikes_after_grokking(spiky)
+    assert [(s["from_step"], s["start"], s["end"]) for s in spikes] == [(390, 400, 410), (690, 700, 700), (990, 1000, 1000)]
+    assert spikes[0]["min_train_acc"] == 0.5 and spikes[0]["min_val_acc"] == 0.3
+    state = plot.end_state(spiky)
+    assert state["ends_in_spike"] and state["final_val_acc"] == 0.49 and state["tail_val_acc"] == 1.0
+    assert not plot.end_state(steady)["ends_in_spike"] and len(plot.spikes_after_grokking(steady)) == 2
+    text = " ".join(plot.describe_spikes([steady, spiky]))
+    assert "5 in 2 of 2 grokked seeds" in text and "seed 0: 2, seed 1: 3" in text
+    assert "Seed 1 ends in a spike: val acc 0.49 at the last step, 1.00 (median) over the last 10% of steps." in text
+    assert "Seed 0 ends" not in text
+    flat = plot.Pair("r", "x_plus_y", 2, "", [{"step": s, "train_acc": 1.0, "val_acc": 1.0} for s in (10, 20)],
+                     {"step_val_acc_99": 10, "grokked": True})
+    assert plot.describe_spikes([flat]) == ["No spike after grokking in the 1 grokked seed(s)."]
+    assert plot.describe_spikes([flat], say_none=False) == []
+    # the "after" pictures show the last snapshot after grokking, not one inside the final spike
+    labels = plot.phase_snapshots(spiky)
+    assert labels[2][1]["step"] == 500 and labels[2][0].startswith("after (final snapshot: val acc 0.49")
+    assert plot.phase_snapshots(steady)[2] == ("after", steady.snapshots[-1])
+
+
+def test_spikes_reach_the_summary_the_notes_block_and_spikes_csv(tmp_path):
+    pairs = [spiky_pair(0, False), spiky_pair(1, True)]
+    plot.write_spikes(pairs, str(tmp_path))
+    rows = list(csv.DictReader(open(tmp_path / "spikes.csv")))
+    assert [(r["seed"], r["spikes"], r["spike_steps"], r["ends_in_spike"]) for r in rows] == \
+        [("0", "2", "400;700", "False"), ("1", "3", "400;700;1000", "True")]
+    summary = "\n".join(plot.run_op_markdown("r", "x_plus_y", pairs, {"r": "r"}, {}, [], {}))
+    block = plot.findings_block({"x_plus_y": {"r": pairs}}, {"r": "r"}, {}, [], [])
+    for text in (summary, block):
+        assert "Seed 1 ends in a spike: val acc 0.49" in text and "5 in 2 of 2 grokked seeds" in text
+    figures = plot.plot_curves({"x_plus_y": {"r": pairs}}, {"r": "r"}, str(tmp_path))
+    assert len(figures) == 4 and all(os.path.getsize(path) > 0 for path, _ in figures)

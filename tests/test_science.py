@@ -1,61 +1,118 @@
-"""Science, not plumbing: a small config really groks, and its last layer really clusters by answer."""
+"""Science, not plumbing: a small config really groks, and its last layer really clusters by answer.
+
+Grokking is chaotic: float rounding differs between CPU models, so the same seed groks at another step and its
+loss spikes after grokking land elsewhere. This config groks at steps 1020 to 1160 under every perturbation
+tried (seeds 0-3, --threads=2, --dtype=bf16, --batch_size=256) and then spikes about every 130 steps (so does
+every small config tried; see docs/testing.md). So the tests never read one step after grokking: they read
+medians over the window WINDOW_START..STEPS, which spans several spikes, with wide margins.
+
+    SCIENCE_PERTURBATIONS=1 python -m pytest -q tests/test_science.py     # also under 4 perturbations (slow)
+"""
 import csv
 import json
+import os
+import statistics
 
 import pytest
 
 import plot
 from conftest import read_json, run_script
 
-# Groks in about 1100 steps, some 20 s on one CPU core.
+STEPS, WINDOW_START = 2000, 1500
 GROKS = ["--ops=x_plus_y", "--seeds=1", "--p=31", "--d_model=64", "--lr=2e-3", "--weight_decay=1.0",
-         "--train_frac=0.7", "--steps=1500", "--capture_every=250", "--workers=1", "--threads=1"]
+         "--train_frac=0.7", f"--steps={STEPS}", "--capture_every=250", "--workers=1", "--threads=1"]
+PERTURBATIONS = {"baseline": []}
+if os.environ.get("SCIENCE_PERTURBATIONS"):  # each changes the float rounding or the trajectory
+    PERTURBATIONS |= {"threads_2": ["--threads=2"], "seeds_0_to_2": ["--seeds=3", "--workers=2"],
+                      "bf16": ["--dtype=bf16"], "batch_256": ["--batch_size=256"]}
 
 
-@pytest.fixture(scope="module")
-def grokked_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("science")
-    run_script("experiment.py", ["--out_dir=run_grok", *GROKS], cwd)
+@pytest.fixture(scope="module", params=list(PERTURBATIONS))
+def grokked_run(request, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp(f"science_{request.param}")
+    run_script("experiment.py", ["--out_dir=run_grok", *GROKS, *PERTURBATIONS[request.param]], cwd, timeout=1800)
     run_script("plot.py", ["--no_tsne"], cwd)
     return cwd
 
 
+def seeds_of(cwd):
+    return range(read_json(cwd / "run_grok" / "config.json")["seeds"])
+
+
+def read_rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def in_window(rows):
+    return [r for r in rows if r["step"] >= WINDOW_START]
+
+
 def test_validation_accuracy_goes_from_chance_to_above_095(grokked_run):
-    log = [json.loads(line) for line in open(grokked_run / "run_grok" / "x_plus_y_0" / "log.jsonl")]
-    assert log[0]["val_acc"] < 0.1  # chance is 1/31
-    assert log[-1]["val_acc"] > 0.95 and log[-1]["train_acc"] > 0.95
-    info = read_json(grokked_run / "run_grok" / "final_info.json")["x_plus_y"]
-    assert info["final_info_dict"]["grokked"] == [True]
-    assert info["final_info_dict"]["step_val_acc_99"][0] < 1500
+    info = read_json(grokked_run / "run_grok" / "final_info.json")["x_plus_y"]["final_info_dict"]
+    for seed in seeds_of(grokked_run):
+        log = read_rows(grokked_run / "run_grok" / f"x_plus_y_{seed}" / "log.jsonl")
+        assert log[0]["val_acc"] < 0.1  # chance is 1/31
+        assert info["grokked"][seed] and info["step_val_acc_99"][seed] < WINDOW_START
+        window = in_window(log)
+        assert statistics.median(r["val_acc"] for r in window) > 0.95
+        assert statistics.median(r["train_acc"] for r in window) > 0.95
+        assert sum(r["val_acc"] > 0.9 for r in window) >= 0.6 * len(window)  # spikes are short: 0.86 and up seen
 
 
 def test_last_layer_classes_tighten_after_grokking(grokked_run):
-    pair = plot.load_run(str(grokked_run / "run_grok"), "run_grok")[0]
-    (_, before), _, (_, after) = plot.phase_snapshots(pair)
-    assert plot.phase_of(before["val_acc"]) == "before" and plot.phase_of(after["val_acc"]) == "after"
+    pairs = plot.load_run(str(grokked_run / "run_grok"), "run_grok")
     rows = [{**r, "seed": int(r["seed"]), "step": int(r["step"]), "value": float(r["value"])}
             for r in csv.DictReader(open(grokked_run / "metrics.csv"))]
+    for pair in pairs:
+        (_, before), _, (label, after) = plot.phase_snapshots(pair)
+        assert plot.phase_of(before["val_acc"]) == "before"
+        assert label.startswith("after") and plot.phase_of(after["val_acc"]) == "after"
+        mine = [r for r in rows if r["seed"] == pair.seed]
 
-    def value(metric, layer="last", split="val"):  # at the measured steps nearest the before and after snapshots
-        found = plot.phase_values([pair], rows, layer, metric, split)
-        return found["before"][0], found["after"][0]
+        def value(metric, layer="last", split="val"):  # at the 'before' snapshot, and the median over the window
+            at_before = plot.phase_values([pair], mine, layer, metric, split)["before"][0]
+            window = [r["value"] for r in in_window(mine)
+                      if (r["layer"], r["metric"], r["split"]) == (layer, metric, split)]
+            assert len(window) >= 3
+            return at_before, statistics.median(window)
 
-    silhouette, ncc, knn, db = value("silhouette"), value("ncc_acc"), value("knn_acc"), value("davies_bouldin")
-    assert silhouette[1] > silhouette[0] + 0.2
-    assert ncc[1] > 0.9 > 0.2 > ncc[0]
-    assert knn[1] > 0.9
-    assert db[1] < db[0]
+        silhouette, ncc, knn, db = value("silhouette"), value("ncc_acc"), value("knn_acc"), value("davies_bouldin")
+        assert silhouette[1] > silhouette[0] + 0.2
+        assert ncc[1] > 0.9 > 0.2 > ncc[0]
+        assert knn[1] > 0.9
+        assert db[1] < db[0]
 
 
 def test_the_generalising_model_computes_with_a_few_fourier_frequencies(grokked_run):
     """Nanda et al.'s picture: after grokking the key frequencies alone give the answers (low restricted loss)
     and the training answers need them (high excluded loss, which had dipped while the model memorised)."""
-    rows = [json.loads(line) for line in open(grokked_run / "run_grok" / "x_plus_y_0" / "measures.jsonl")]
-    final = rows[-1]["values"]["model"]
-    assert final["all"]["restricted_loss"] < 0.5 and final["train"]["excluded_loss"] > 2.5
-    assert min(r["values"]["model"]["train"]["excluded_loss"] for r in rows) < final["train"]["excluded_loss"] - 1
-    assert rows[-1]["values"]["model"]["all"]["logit_key_frac"] > 0.5
+    for seed in seeds_of(grokked_run):
+        rows = read_rows(grokked_run / "run_grok" / f"x_plus_y_{seed}" / "measures.jsonl")
+        window = in_window(rows)
+        assert len(window) >= 3
+
+        def median(split, metric):
+            return statistics.median(r["values"]["model"][split][metric] for r in window)
+
+        assert median("all", "restricted_loss") < 0.5 and median("train", "excluded_loss") > 2.5
+        assert min(r["values"]["model"]["train"]["excluded_loss"] for r in rows) < median("train", "excluded_loss") - 1
+        assert median("all", "logit_key_frac") > 0.5
     leadlag = list(csv.DictReader(open(grokked_run / "leadlag.csv")))
     reference = [r for r in leadlag if (r["measure"], r["layer"], r["split"]) == ("acc", "log", "val")]
-    assert len(reference) == 1 and float(reference[0]["lead"]) == 0
+    assert len(reference) == len(seeds_of(grokked_run)) and all(float(r["lead"]) == 0 for r in reference)
     assert {r["measure"] for r in leadlag if r["t50"]} >= {"restricted_loss", "silhouette", "ncc_acc"}
+
+
+def test_spikes_after_grokking_are_reported_per_seed(grokked_run):
+    rows = list(csv.DictReader(open(grokked_run / "spikes.csv")))
+    assert sorted(int(r["seed"]) for r in rows) == list(seeds_of(grokked_run))
+    summary = (grokked_run / "analysis_summary.md").read_text()
+    for r in rows:
+        log = read_rows(grokked_run / "run_grok" / f"x_plus_y_{r['seed']}" / "log.jsonl")
+        after = [x for x in log if x["step"] > int(r["grok_step"])]
+        low = [x["step"] for x in after if min(x["train_acc"], x["val_acc"]) < plot.SPIKE_BELOW]
+        assert int(r["spikes"]) <= len(low) and (int(r["spikes"]) > 0) == bool(low)
+        assert (r["ends_in_spike"] == "True") == (log[-1]["step"] in low)
+        if r["ends_in_spike"] == "True":
+            assert f"Seed {r['seed']} ends in a spike" in summary
+    assert "spike" in summary
