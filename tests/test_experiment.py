@@ -276,7 +276,7 @@ def test_failing_plugin_names_itself_and_keeps_finished_pairs(tmp_path):
 
 
 def test_ctrl_c_stops_every_process_with_one_line_and_keeps_finished_pairs(tmp_path):
-    args = ["--out_dir=run_c", *TINY[:2], "--steps=3000", *TINY[4:], "--workers=2", "--progress=none"]
+    args = ["--out_dir=run_c", *TINY[:2], "--steps=1000", *TINY[4:], "--workers=2", "--progress=none"]
     proc = start_experiment(args, tmp_path, new_session=True)
     wait_for(tmp_path / "run_c", "final_info_*_0.json")
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
@@ -309,7 +309,7 @@ class SlowCleanUp(Plugin):
 
 def test_ctrl_c_while_a_finished_child_exits_lets_it_finish_quietly(tmp_path):
     (tmp_path / "slow.py").write_text(PLUGIN_WITH_A_SLOW_CLEAN_UP)
-    args = ["--out_dir=run_c", *TINY[:2], "--steps=3000", *TINY[4:], "--workers=2", "--progress=none",
+    args = ["--out_dir=run_c", *TINY[:2], "--steps=1000", *TINY[4:], "--workers=2", "--progress=none",
             "--plugins=slow.py"]
     proc = start_experiment(args, tmp_path, new_session=True)
     wait_for(tmp_path / "run_c", "*/exiting", poll=0.02)

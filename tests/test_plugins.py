@@ -107,7 +107,9 @@ def test_fourier_and_rqi_plugins_write_per_capture_rows_and_skip_other_ops(tmp_p
 
 
 def test_gpt2_backbone_trains_and_is_captured_by_the_same_plugin(tmp_path):
-    run_script("experiment.py", ["--out_dir=g", *SMALL, "--model=gpt2"], tmp_path)
+    # no warm-up and a higher lr: in 40 warm-up steps GPT-2's loss had barely moved (2.44 -> 2.36)
+    run_script("experiment.py", ["--out_dir=g", *SMALL, "--model=gpt2", "--steps=80", "--warmup_steps=0", "--lr=3e-3"],
+               tmp_path)
     index = read_json(tmp_path / "g" / "x_plus_y_0" / "activations" / "index.json")
     assert index["modules"] == {"first": "gpt2.h.0", "last": "gpt2.h.1"}
     from safetensors.torch import load_file
@@ -115,7 +117,8 @@ def test_gpt2_backbone_trains_and_is_captured_by_the_same_plugin(tmp_path):
     tensors = load_file(tmp_path / "g" / "x_plus_y_0" / "activations" / index["snapshots"][-1]["file"])
     assert set(tensors) == {"gpt2.h.0", "gpt2.h.1"} and tensors["gpt2.h.1"].shape == (121, 32)
     log = log_of(tmp_path / "g" / "x_plus_y_0")
-    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    late = sorted(r["train_loss"] for r in log[len(log) // 2:])  # a median over the second half: a spike may land
+    assert late[len(late) // 2] < 0.8 * log[0]["train_loss"]  # on any one step, and where differs between CPUs
 
 
 def test_gpt2_needs_no_download():
