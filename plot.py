@@ -1280,7 +1280,7 @@ def figure_patterns(figures: list) -> list:
         kinds.setdefault(kind, []).append(name)
     described = {
         "curves": "{train,val}_{loss,acc}_{op}.png: learning curves, one line per run (mean ± stderr, each seed "
-                  "thin, grokking steps dotted)",
+                  "thin, grokking steps dotted, spikes after grokking shaded)",
         "progress": "progress_{run}_{op}.png: every measure's progress aligned on grokking, ordered by lead over "
                     "val acc (who moves first)",
         "pca": "pca_{run}_{op}_{layer}.png: before/during/after on the class-centroid axes (rings) and plain PCA",
