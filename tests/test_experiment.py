@@ -15,11 +15,17 @@ from conftest import ROOT, TINY, read_json, run_script
 TEMPLATE_KEYS = ["final_train_loss", "final_val_loss", "final_train_acc", "final_val_acc", "step_val_acc_99"]
 
 
+def default_sigint():
+    """A shell starts background jobs with SIGINT ignored, and children inherit that: the suite run in the
+    background would start experiment.py deaf to Ctrl-C. Give it a terminal's default, as a user's shell does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_experiment(args, cwd, stderr=subprocess.PIPE, new_session=False):
     """experiment.py in the background, as a user or a harness starts it."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=cwd,
                             env={**os.environ, "PYTHONHASHSEED": "0"}, stdout=subprocess.DEVNULL, stderr=stderr,
-                            text=True, start_new_session=new_session)
+                            text=True, start_new_session=new_session, preexec_fn=default_sigint)
 
 
 def wait_for(folder, pattern, poll=0.05, timeout=300):

@@ -1,4 +1,4 @@
-"""The research plugins, the GPT-2 backbone, and a user's plugin file from the README."""
+"""The research plugins, the GPT-2 backbone, and a user's plugin file from docs/plugins.md."""
 import json
 import math
 import os
@@ -129,8 +129,8 @@ def test_gpt2_needs_no_download():
     assert model(task.x).shape == (len(task.y), task.n_classes)
 
 
-def test_the_readme_plugin_example_works(tmp_path):
-    readme = open(os.path.join(ROOT, "README.md")).read()
+def test_the_documented_plugin_example_works(tmp_path):
+    readme = open(os.path.join(ROOT, "docs", "plugins.md")).read()
     code = re.search(r"An example, `my_plugin.py`.*?```python\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "my_plugin.py").write_text(code)
     run_script("experiment.py", ["--out_dir=run_1", *SMALL, "--plugins=my_plugin.py"], tmp_path)
