@@ -26,6 +26,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import experiment as E  # noqa: E402
+from bench_plot import cpu_description  # noqa: E402
 
 
 def median_time(fn, repeats: int, inner: int) -> float:
@@ -220,7 +221,7 @@ def main():
     args = parser.parse_args()
     repeats, rounds = (3, 5) if args.quick else (5, 20)
     cores = len(os.sched_getaffinity(0))
-    print(f"machine: {cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads by default; "
+    print(f"machine: {cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads by default; "
           f"times are medians of {repeats} repeats")
     task = E.make_task("x_plus_y")
     train_idx, val_idx = E.split_pairs(len(task.y), 0.5, 0)
