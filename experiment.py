@@ -7,7 +7,7 @@ Usage:
 
 Writes run_dir/final_info.json in the schema of the AI-Scientist grokking
 template, plus per-(op, seed) logs, example tables and activation snapshots
-(see README.md, "Outputs"). Running the same command again resumes.
+(see docs/experiment.md, "Outputs"). Running the same command again resumes.
 """
 
 import argparse
@@ -762,7 +762,7 @@ def representation_metrics(x: torch.Tensor, y: torch.Tensor, is_train: torch.Ten
                            knn_k: int = 5) -> list:
     """[(metric, split, value)] of one layer's representations x (n, d) with answer classes y and split mask.
 
-    Table in README ("Metrics"). Silhouette and kNN use the fixed subsamples of metric_samples.
+    Table in docs/analysis.md ("Metrics"). Silhouette and kNN use the fixed subsamples of metric_samples.
     """
     x, y, is_train = x.float().cpu(), y.cpu(), is_train.cpu()
     out = []

@@ -11,7 +11,7 @@ Writes, into --out_dir (default: here):
     metrics.csv, metrics.parquet                              every number, one tidy table
     leadlag.csv, spikes.csv                                   who moves first; spikes after grokking per seed
     analysis_summary.md                                       paste-ready summary for notes.txt
-Phases, metrics and the cache are described in README.md ("plot.py").
+Phases, metrics, spikes, lead-lag and the cache are described in docs/analysis.md.
 """
 
 import argparse
@@ -267,7 +267,7 @@ def phase_snapshots(pair: Pair) -> list:
         return [("before", first), ("during", during), ("after", final)]
     # The run ends in a spike or a dip: "after grokking" is the last snapshot that is.
     return [("before", first), ("during", during),
-            ("after (final snapshot: val acc " + f"{final['val_acc']:.2f})", grokked[-1])]
+            (f"after (final snapshot: val acc {final['val_acc']:.2f})", grokked[-1])]
 
 
 SPIKE_BELOW = 0.9  # a spike after grokking: train or val accuracy below this at an evaluation
@@ -303,7 +303,7 @@ def end_state(pair: Pair) -> dict:
     tail = [r["val_acc"] for r in pair.log if r["step"] >= last * (1 - TAIL_SHARE)]
     found = spikes_after_grokking(pair)
     return {"spikes": found, "ends_in_spike": bool(found) and found[-1]["end"] == last,
-            "final_val_acc": pair.log[-1]["val_acc"], "tail_val_acc": float(np.median(tail)), "last_step": last}
+            "final_val_acc": pair.log[-1]["val_acc"], "tail_val_acc": float(np.median(tail))}
 
 
 def describe_spikes(pairs: list, say_none: bool = True) -> list:
@@ -541,7 +541,7 @@ def mark_grokking(ax, pairs: list, color) -> None:
 def mark_spikes(ax, pairs: list, key: str, color) -> None:
     """Shade each seed's spikes after grokking; an x on the last value of a seed that ends inside one."""
     for p in pairs:
-        state = end_state(p) if p.grok_step is not None else {"spikes": [], "ends_in_spike": False}
+        state = end_state(p)  # a seed that never grokked has no spikes
         for spike in state["spikes"]:
             ax.axvspan(spike["from_step"], spike["end"], color=color, alpha=0.12, linewidth=0)
         last = p.log[-1]

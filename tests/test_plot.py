@@ -197,12 +197,8 @@ def spiky_pair(seed, ends_in_spike):
     for r in log:
         r["train_loss"], r["val_loss"] = 1.01 - r["train_acc"], 1.01 - r["val_acc"]
     final = {"step_val_acc_99": 300, "grokked": True, "final_val_acc": log[-1]["val_acc"]}
-    snaps = [{"step": s, "val_acc": val_acc_of(log, s), "path": ""} for s in (0, 250, 500, 1000)]
+    snaps = [{"step": s, "val_acc": plot.val_acc_at(log, s), "path": ""} for s in (0, 250, 500, 1000)]
     return plot.Pair("r", "x_plus_y", seed, "", log, final, snaps)
-
-
-def val_acc_of(log, step):
-    return next((r["val_acc"] for r in log if r["step"] == step), float("nan"))
 
 
 def test_spikes_after_grokking_are_counted_and_an_end_inside_one_is_said():
