@@ -1,0 +1,181 @@
+"""Config flags and their validation: every Config field is a --field=value flag, checked before any file is
+written. `E` below is the experiment module (experiment.py): its Config and registries."""
+
+import argparse
+import dataclasses
+import inspect
+import os
+import sys
+import typing
+
+import torch
+
+from lab.ops import is_prime
+from lab.plugins import UsageError
+
+RUNTIME_FIELDS = ("out_dir", "workers", "overwrite", "progress")  # fields that never change a number
+REGISTRY_FIELDS = {"model": "MODELS", "loss": "LOSSES", "optimizer": "OPTIMIZERS", "schedule": "SCHEDULES",
+                   "sampler": "SAMPLERS"}  # Config field -> the registry of experiment.py that names its values
+
+
+def validate(cfg, E) -> None:
+    """Raise UsageError naming the first problem in cfg. Creates nothing."""
+    bad = [op for op in cfg.ops if op not in E.OPS]
+    if bad or not cfg.ops:
+        raise UsageError(f"unknown op {','.join(bad) or '(none)'}: choose from {','.join(E.OPS)}")
+    if len(set(cfg.ops)) != len(cfg.ops):
+        raise UsageError(f"--ops lists an op twice: {','.join(cfg.ops)}")
+    if cfg.p < 3:
+        raise UsageError(f"--p={cfg.p}: the modulus must be at least 3")
+    for op in cfg.ops:
+        if E.OPS[op].prime and not is_prime(cfg.p):
+            raise UsageError(f"--p={cfg.p} is not prime; {op} needs a prime modulus (e.g. 97)")
+    if not 0 < cfg.train_frac < 1:
+        raise UsageError(f"--train_frac={cfg.train_frac} must lie strictly between 0 and 1")
+    for name in ("steps", "seeds", "batch_size", "eval_every", "num_layers", "d_model", "n_heads", "capture_every",
+                 "measure_every", "measure_sparse_every"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name}={getattr(cfg, name)} must be at least 1")
+    if not 2 <= cfg.perm_k <= 6:
+        raise UsageError(f"--perm_k={cfg.perm_k} must be between 2 and 6")
+    if cfg.d_model % cfg.n_heads:
+        raise UsageError(f"--d_model={cfg.d_model} must be divisible by --n_heads={cfg.n_heads}")
+    for name in ("lr", "weight_decay", "warmup_steps", "workers", "threads", "rqi_tol"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name}={getattr(cfg, name)} must not be negative")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and 0 <= cfg.grokfast_alpha < 1):
+        raise UsageError("--beta1, --beta2 and --grokfast_alpha must lie in [0, 1)")
+    for name, registry in REGISTRY_FIELDS.items():
+        known = getattr(E, registry)
+        if getattr(cfg, name) not in known:
+            raise UsageError(f"--{name}={getattr(cfg, name)}: choose from {','.join(known)}")
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise UsageError(f"--dtype={cfg.dtype}: choose from fp32,bf16")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device={cfg.device}: choose from auto, cpu, cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device=cuda but no CUDA device is available")
+    if cfg.capture_dtype not in ("float16", "float32"):
+        raise UsageError(f"--capture_dtype={cfg.capture_dtype}: choose float16 or float32")
+    if any(not 0 < t < 1 for t in cfg.capture_thresholds):
+        raise UsageError("--capture_thresholds must lie strictly between 0 and 1")
+    if cfg.progress not in ("auto", "bar", "lines", "none"):
+        raise UsageError(f"--progress={cfg.progress}: choose from auto, bar, lines, none")
+    for name in ("measure_every", "measure_sparse_every"):
+        if getattr(cfg, name) % cfg.eval_every:
+            raise UsageError(f"--{name}={getattr(cfg, name)} must be a multiple of --eval_every={cfg.eval_every} "
+                             "(measurements reuse the evaluation's forward pass)")
+    if cfg.measure_dense_after < 0:
+        raise UsageError(f"--measure_dense_after={cfg.measure_dense_after} must not be negative")
+    if cfg.fourier_topk < 1:
+        raise UsageError(f"--fourier_topk={cfg.fourier_topk} must be at least 1")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise UsageError(f"--out_dir={cfg.out_dir} is an existing file, not a folder")
+    existing = os.path.abspath(cfg.out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out_dir={cfg.out_dir} cannot be written ({existing} is not a writable folder)")
+    E.plugin_classes(cfg)  # raises UsageError for an unknown plugin or a broken plugin file
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _flag_type(annotation):
+    """argparse type for a Config annotation: int, float, str, bool or tuple[X, ...]."""
+    if annotation is bool:
+        return _parse_bool
+    if typing.get_origin(annotation) is tuple:
+        (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
+
+        def parse_list(text):
+            return tuple(item(part) for part in text.split(",") if part.strip())
+
+        parse_list.__name__ = f"comma-separated {item.__name__} list"
+        return parse_list
+    return annotation
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def field_comments(Config) -> dict:
+    """The trailing '# ...' comment of each Config field: its --help text and its line in docs/experiment.md."""
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            comments[name] = rest.split("#", 1)[1].strip()
+    return comments
+
+
+def field_defaults(Config) -> dict:
+    """Field -> its default as written on the command line (lists comma-separated)."""
+    out = {}
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out[f.name] = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    return out
+
+
+def parse_args(E, argv=None):
+    """E.Config from flags (--field=value or --field value), validated. Exits 2 with one line on bad input."""
+    comments, shown = field_comments(E.Config), field_defaults(E.Config)
+    parser = _OneLineParser(prog="experiment.py", description=E.__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(E.Config)
+    for f in dataclasses.fields(E.Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        is_bool = hints[f.name] is bool
+        parser.add_argument(f"--{f.name}", type=_flag_type(hints[f.name]), default=default,
+                            nargs="?" if is_bool else None, const=True if is_bool else None,
+                            metavar=hints[f.name].__name__.upper() if isinstance(hints[f.name], type) else "LIST",
+                            help=f"{comments.get(f.name, '')} (default: {shown[f.name]})".replace("%", "%%"))
+    try:
+        cfg = E.Config(**vars(parser.parse_args(argv)))
+        validate(cfg, E)
+    except UsageError as e:
+        print(f"experiment.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return cfg
+
+
+def config_dict(cfg) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def config_from_dict(Config, saved: dict):
+    """A Config from a saved config.json: unknown keys are ignored, missing ones take today's defaults."""
+    hints = typing.get_type_hints(Config)
+    known = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in saved.items() if k in hints}
+    return Config(**known)
+
+
+def flags_markdown(Config) -> str:
+    """The docs/experiment.md table of every flag, generated from the Config comments (`python -m lab.cli`)."""
+    comments, shown = field_comments(Config), field_defaults(Config)
+    lines = ["| flag | default | meaning |", "|---|---|---|"]
+    for name, default in shown.items():
+        lines.append(f"| `--{name}` | {f'`{default}`' if default != '' else '(none)'} | {comments.get(name, '')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # regenerate the flag table of docs/experiment.md
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import experiment
+    from lab.files import write_text
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "experiment.md")
+    with open(path) as f:
+        text = f.read()
+    begin, end = "<!-- flags: generated by python -m lab.cli -->\n", "<!-- end of flags -->"
+    head, rest = text.split(begin)
+    write_text(path, head + begin + flags_markdown(experiment.Config) + rest[rest.index(end):])

@@ -1,0 +1,130 @@
+"""The op registry: what an op is, the task tensors built from it, and its cyclic coordinates.
+
+experiment.py defines the ops (register_op); plot.py reads them through experiment.OPS.
+"""
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+TOKEN_OFFSET = 2  # vocabulary = ["o", "="] + the elements: element i is token i + 2
+
+
+@dataclass(frozen=True)
+class Op:
+    """An algorithmic task over a finite set of elements.
+
+    table(p, perm_k) -> (elements, a, b, y): the elements (a list; class i is elements[i]) and, for every pair,
+      the left and right operands' and the answer's element indices, int64 tensors of one length.
+    cycle(n_elements) -> (sign, order) for an op on a cyclic group: `order` lists element indices in group order,
+      and the answer's position is position(a) + sign * position(b) modulo len(order); None for other ops. The
+      Fourier measures and the ring colours need it.
+    """
+
+    name: str
+    formula: str  # for people: "(x + y) mod p"
+    table: Callable
+    cycle: Callable | None = None
+    prime: bool = False  # needs a prime p (division)
+
+
+@dataclass
+class Task:
+    """Every pair of one op as tensors. Row i of x/y is pair (a[i], b[i])."""
+
+    op: str
+    x: torch.Tensor  # (n_pairs, 4) int64 tokens [a, "o", b, "="]
+    y: torch.Tensor  # (n_pairs,) int64 answer class
+    a: torch.Tensor  # (n_pairs,) index of the left operand among the elements
+    b: torch.Tensor  # (n_pairs,) index of the right operand among the elements
+    n_vocab: int
+    n_classes: int
+    elements: list  # class index -> element (int residue or permutation tuple)
+
+
+def build_task(op: Op, p: int, perm_k: int) -> Task:
+    elements, a, b, y = op.table(p, perm_k)
+    assert a.shape == b.shape == y.shape and a.dtype == y.dtype == torch.int64, f"{op.name}: a, b, y must match"
+    x = torch.stack([a + TOKEN_OFFSET, torch.zeros_like(a), b + TOKEN_OFFSET, torch.ones_like(a)], dim=1)
+    n = len(elements)
+    return Task(op.name, x, y, a, b, n_vocab=n + TOKEN_OFFSET, n_classes=n, elements=elements)
+
+
+# ----------------------------------------------------------------------------- building blocks for ops
+def modular(formula: Callable, b_from: int = 0) -> Callable:
+    """table of an op on residues mod p: formula(a, b, p) on int64 tensors, reduced mod p; b runs from b_from."""
+    def table(p, perm_k):
+        a, b = torch.meshgrid(torch.arange(p), torch.arange(b_from, p), indexing="ij")
+        a, b = a.reshape(-1), b.reshape(-1)
+        return list(range(p)), a, b, formula(a, b, p) % p
+
+    return table
+
+
+def inverses(p: int) -> torch.Tensor:
+    """(p,) multiplicative inverse of each residue mod a prime p (0 -> 0)."""
+    return torch.tensor([pow(int(v), p - 2, p) for v in range(p)])
+
+
+def permutation_group(formula: Callable) -> Callable:
+    """table of an op on S_k: formula(pa, pb) on (n, k) tensors of permutations -> (n, k) permutations."""
+    def table(p, perm_k):
+        elements = list(itertools.permutations(range(perm_k)))
+        perms = torch.tensor(elements)  # (n, k)
+        n = len(elements)
+        a, b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        a, b = a.reshape(-1), b.reshape(-1)
+        result = formula(perms[a], perms[b])
+        # Rank of each permutation in lexicographic order (= its index in `elements`).
+        radix = torch.tensor([math.factorial(perm_k - 1 - i) for i in range(perm_k)])
+        smaller_later = (result.unsqueeze(2) > result.unsqueeze(1)).triu(1).sum(2)  # (n*n, k)
+        return elements, a, b, (smaller_later * radix).sum(1)
+
+    return table
+
+
+def compose(pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
+    """(a o b)[i] = a[b[i]], row by row."""
+    return torch.gather(pa, 1, pb)
+
+
+def additive(sign: int) -> Callable:
+    """cycle of an op that adds (sign 1) or subtracts (-1) residues: the residues in their own order."""
+    return lambda n: (sign, list(range(n)))
+
+
+def is_prime(n: int) -> bool:
+    return n >= 2 and all(n % k for k in range(2, math.isqrt(n) + 1))
+
+
+def primitive_root(p: int) -> int:
+    """The smallest generator of the multiplicative group mod a prime p."""
+    factors = {q for q in range(2, p) if (p - 1) % q == 0 and is_prime(q)}
+    return next(g for g in range(2, p) if all(pow(g, (p - 1) // q, p) != 1 for q in factors))
+
+
+def multiplicative(sign: int) -> Callable:
+    """cycle of an op that multiplies (1) or divides (-1) nonzero residues mod a prime: the powers g^0 .. g^(p-2)
+    of a primitive root (discrete logarithms); pairs with a 0 have no coordinates."""
+    def cycle(p):
+        g = primitive_root(p)
+        return sign, [pow(g, t, p) for t in range(p - 1)]
+
+    return cycle
+
+
+def cyclic_coordinates(task: Task, op: Op):
+    """(rows, i, j, m, sign, residues) putting the task's pairs on the cyclic group Z_m so that the answer is at
+    i + sign * j, residues[t] being the element at coordinate t; rows leaves out pairs with an operand off the
+    cycle (x_div_y's a = 0, which has no logarithm). None for ops that are not cyclic."""
+    if op.cycle is None:
+        return None
+    sign, order = op.cycle(task.n_classes)
+    residues = torch.tensor(order)
+    position = torch.full((task.n_classes,), -1, dtype=torch.long)
+    position[residues] = torch.arange(len(residues))
+    rows = torch.nonzero((position[task.a] >= 0) & (position[task.b] >= 0)).flatten()
+    return rows, position[task.a[rows]], position[task.b[rows]], len(residues), sign, residues

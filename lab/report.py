@@ -1,0 +1,424 @@
+"""plot.py's machinery: finding runs, the process pool, the figure cache, the tables, analysis_summary.md and the
+notes.txt findings block. `P` below is the plot module (plot.py): its Settings, `labels` and figure functions."""
+
+import glob
+import hashlib
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+
+from lab.analysis import (LEADLAG_HALF_WIDTH, PHASES, SPIKE_BELOW, TAIL_SHARE, describe_grokking, describe_leaders,
+                          describe_spikes, end_state, file_key, format_mean_stderr, is_trivial, largest_changes,
+                          lead_text, leadlag_rows, leadlag_table, load_run, measure_label, measure_rows, pair_metrics,
+                          phase_values, settings_key, spike_rows, warn)
+from lab.files import atomic_write, read_json, write_json, write_text
+from lab.schema import LAYERS, MEASURES, METRIC_SPLITS
+
+
+def discover_runs(args, labels: dict) -> dict:
+    """Run folder -> legend name, from --runs, `labels` or every run_* folder."""
+    if args.runs:
+        chosen = {r: labels.get(r, r) for r in args.runs.split(",") if r}
+    elif labels:
+        chosen = dict(labels)
+    else:
+        chosen = {r: r for r in sorted(glob.glob("run_*")) if os.path.isdir(r)}
+    found = {}
+    for run, name in chosen.items():
+        if os.path.isdir(run):
+            found[run] = name
+        else:
+            warn(f"run folder {run} does not exist; skipped")
+    return found
+
+
+
+def write_csv(path: str, columns: list, rows) -> None:
+    import csv
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def write_tables(rows: list, out_dir: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = ["run", "op", "seed", "layer", "step", "phase", "split", "metric", "value"]
+    write_csv(os.path.join(out_dir, "metrics.csv"), columns, rows)
+    table = pa.table({c: [r[c] for r in rows] for c in columns})
+    atomic_write(os.path.join(out_dir, "metrics.parquet"), lambda tmp: pq.write_table(table, tmp))
+
+
+def summary_markdown(by_op: dict, run_names: dict, rows_by: dict, figures: list, leadlag: list,
+                     left_out: dict) -> str:
+    lines = ["# Grokking analysis summary", "",
+             "Written by plot.py. Phases: a snapshot is *before* (val acc < 0.1), *during* (0.1 to < 0.99) or "
+             "*after* (>= 0.99). The before/during/after columns are each seed's phase snapshots: the last "
+             "*before* snapshot after memorisation (train acc >= 0.99; step 0 if none), the snapshot nearest "
+             "0.5 val acc, and the final one; for seeds that never grokked: step 0, the middle snapshot, the "
+             "final one. Values are mean ± stderr (ddof=1, /sqrt(n)) over seeds.", ""]
+    for op, runs in by_op.items():
+        for run, pairs in runs.items():
+            try:
+                lines += run_op_markdown(run, op, pairs, run_names, rows_by, leadlag, left_out)
+            except Exception as e:  # an odd run keeps its heading and a note; the rest of the summary is written
+                warn(f"summary of {run} {op} incomplete ({type(e).__name__}: {e})")
+                lines += [f"## {run_names[run]} ({run}), {op}", "", f"Not summarised: {type(e).__name__}: {e}", ""]
+    lines += ["## Figures", ""]
+    lines += [f"- `{os.path.basename(path)}`: {text}" for path, text in figures]
+    lines += ["- `metrics.csv` / `metrics.parquet`: every metric value, one row per "
+              "(run, op, seed, layer, step, split, metric).",
+              "- `leadlag.csv`: per grokked seed and measure, the steps t10/t50/t90 at which it completes 10/50/90% "
+              "of its change after memorisation, and its lead over val accuracy's t50.",
+              f"- `spikes.csv`: per grokked seed, its spikes after grokking (train or val acc < {SPIKE_BELOW} at an "
+              "evaluation after the grokking step; consecutive evaluations are one spike), their first steps, the "
+              f"lowest accuracies, whether the run ends inside one, the final val acc and its median over the last "
+              f"{TAIL_SHARE:.0%} of steps.", ""]
+    return "\n".join(lines)
+
+
+def run_op_markdown(run: str, op: str, pairs: list, run_names: dict, rows_by: dict, leadlag: list,
+                    left_out: dict) -> list:
+    """One (run, op) section of analysis_summary.md."""
+    lines = [f"## {run_names[run]} ({run}), {op}", "",
+             f"- Grokking step (first step with val acc > 0.99): {describe_grokking(pairs)}.",
+             f"- Final val accuracy: {np.mean([p.log[-1]['val_acc'] for p in pairs]):.3f} "
+             f"(mean over {len(pairs)} seeds; median over the last {TAIL_SHARE:.0%} of steps: "
+             f"{np.mean([end_state(p)['tail_val_acc'] for p in pairs]):.3f}).",
+             *(f"- {sentence}" for sentence in describe_spikes(pairs)), ""]
+    rows = rows_by.get((run, op), [])
+    if not rows:
+        return lines + ["No activation snapshots or measures: no representation metrics.", ""]
+    lines += ["| layer | metric | split | before | during | after |", "|---|---|---|---|---|---|"]
+    present = {(r["layer"], r["metric"], r["split"]) for r in rows}
+    listed = [(layer, metric, split) for layer in LAYERS for metric, splits in METRIC_SPLITS.items()
+              for split in splits]
+    listed += sorted(present - set(listed))
+    for layer, metric, split in listed:
+        if (layer, metric, split) in present:
+            values = phase_values(pairs, rows, layer, metric, split)
+            cells = [format_mean_stderr(values[phase], ".3g", ".2g") if values.get(phase) else "n/a"
+                     for phase in PHASES]
+            lines.append(f"| {layer} | {metric} | {split} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines + leadlag_markdown(run, op, pairs, leadlag, left_out.get((run, op), []))
+
+
+def leadlag_markdown(run: str, op: str, pairs: list, leadlag: list, left_out: list) -> list:
+    """The lead-lag section of one (run, op) in analysis_summary.md."""
+    mine = [r for r in leadlag if r["run"] == run and r["op"] == op]
+    grokked = len({r["seed"] for r in mine})
+    lines = [f"### Lead-lag: who moves before validation accuracy ({grokked} of {len(pairs)} seeds grokked"
+             + (f"; left out: seed(s) {', '.join(map(str, left_out))}, never grokked" if left_out else "") + ")", ""]
+    if not mine:
+        return lines + ["No seed grokked: nothing to time.", ""]
+    table = leadlag_table(mine)
+    lines += [describe_leaders(table), "",
+              "Each measure's t50 is the step at which it completes half of its change between the seed's "
+              "memorisation step (train acc >= 0.99) and the end of training (running median over "
+              f"±{LEADLAG_HALF_WIDTH} steps, made monotone by a running maximum); lead = val accuracy's t50 minus "
+              "the measure's (positive: moves first). Mean ± stderr over seeds; per-seed t10/t50/t90 in leadlag.csv.",
+              "", "| measure | layer | split | lead (steps) | leads in | lags in | t50 - grokking step |",
+              "|---|---|---|---|---|---|---|"]
+    for t in table:
+        if t["n"]:
+            lines.append(f"| {t['measure']} | {t['layer']} | {t['split']} | {lead_text(t)} | {t['leads']}/{t['n']} | "
+                         f"{t['lags']}/{t['n']} | {t['t50_from_grok']:.0f} |")
+    never = [measure_label(t["layer"], t["split"], t["measure"]) for t in table if not t["n"]]
+    if never:
+        lines += ["", "Never change between memorisation and the end (no net change above noise): "
+                  + ", ".join(never) + "."]
+    return lines + [""]
+
+
+NOTES_BEGIN = "=== BEGIN plot.py findings (rewritten by every `python plot.py`; edit outside this block) ==="
+NOTES_END = "=== END plot.py findings ==="
+NOTES_LIMIT = 6000  # characters: the block must stay useful inside a prompt
+
+
+def figure_patterns(figures: list) -> list:
+    """One line per kind of figure at the folder root: the file-name pattern, what it shows, and which exist."""
+    kinds = {}
+    for path, text in figures:
+        name = os.path.basename(path)
+        kind = name.split("_", 1)[0]
+        if name.startswith(("train_", "val_")):
+            kind = "curves"
+        kinds.setdefault(kind, []).append(name)
+    described = {
+        "curves": "{train,val}_{loss,acc}_{op}.png: learning curves, one line per run (mean ± stderr, each seed "
+                  "thin, grokking steps dotted, spikes after grokking shaded)",
+        "progress": "progress_{run}_{op}.png: every measure's progress aligned on grokking, ordered by lead over "
+                    "val acc (who moves first)",
+        "pca": "pca_{run}_{op}_{layer}.png: before/during/after on the class-centroid axes (rings) and plain PCA",
+        "tsne": "tsne_{run}_{op}_{layer}.png: t-SNE before/during/after",
+        "metrics": "metrics_{run}_{op}_{layer}.png: the representation metrics against step",
+        "plugins": "plugins_{run}_{op}.png: weight/logit norms, softmax collapse, restricted/excluded loss, "
+                   "Fourier and RQI against step",
+        "fourier": "fourier_{run}_{op}.png: the embedding's Fourier spectrum before/during/after",
+        "proj": "proj_{run}_{op}_{layer}.gif: animation through every snapshot (not for LaTeX)",
+    }
+    lines = []
+    for kind, names in sorted(kinds.items()):
+        text = described.get(kind, f"{kind}_*: see analysis_summary.md")
+        shown = names[0] if len(names) == 1 else f"{len(names)} files, e.g. {sorted(names)[0]}"
+        lines.append(f"- {text} [{shown}]")
+    return lines
+
+
+def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, figures: list,
+                   limit: int = NOTES_LIMIT) -> str:
+    """The block plot.py keeps in notes.txt: per run and op the grokking steps, final val accuracy, the largest
+    metric changes and what leads; then every kind of figure. Detail is dropped level by level (lagging measures,
+    then the second and third leader and change) until it fits in `limit` characters."""
+    sections = []
+    for op, runs in by_op.items():
+        for run, pairs in runs.items():
+            try:
+                rows = rows_by.get((run, op), [])
+                head = " ".join([f"[{run_names[run]}] {op}: grokking step {describe_grokking(pairs)}; final val acc "
+                                 f"{np.mean([p.log[-1]['val_acc'] for p in pairs]):.3f}.",
+                                 *describe_spikes(pairs, say_none=False)])
+                changes = [f"{m} ({s}) {b:.3g} -> {a:.3g}" for m, s, b, a in largest_changes(pairs, rows)]
+                table = [t for t in leadlag_table([r for r in leadlag if r["run"] == run and r["op"] == op])
+                         if t["n"] and not is_trivial(t)]
+                n = max((t["seeds"] for t in table), default=0)
+                leaders = [f"{measure_label(t['layer'], t['split'], t['measure'])} {lead_text(t)}"
+                           for t in table if t["leads"] == t["seeds"] == n]
+                laggers = [f"{measure_label(t['layer'], t['split'], t['measure'])} {lead_text(t)}"
+                           for t in reversed(table) if t["lags"] == t["seeds"] == n]
+                sections.append((head, changes, leaders, laggers, n))
+            except Exception as e:  # an odd run must not cost the rest of the block
+                warn(f"notes.txt findings for {run} {op} skipped ({type(e).__name__}: {e})")
+
+    def render(n_changes, n_leaders, n_laggers):
+        lines = [NOTES_BEGIN,
+                 "Full tables: analysis_summary.md (every metric before/during/after, lead-lag tables), metrics.csv "
+                 "(every value per step), leadlag.csv (t10/t50/t90 and lead per seed and measure), spikes.csv (spikes "
+                 "after grokking per seed). Lead = steps by "
+                 "which a measure's 50% point precedes val accuracy's (memorisation to end of training).", ""]
+        for head, changes, leaders, laggers, n in sections:
+            line = head
+            if changes[:n_changes]:
+                line += " Last layer before->after: " + "; ".join(changes[:n_changes]) + "."
+            if n and n_leaders:
+                line += (f" Leads val acc in all {n} grokked seeds: " + "; ".join(leaders[:n_leaders]) + "."
+                         if leaders else f" Nothing leads val acc in all {n} grokked seeds.")
+            if n and laggers[:n_laggers]:
+                line += f" Lags in all {n}: " + "; ".join(laggers[:n_laggers]) + "."
+            lines.append(line)
+        lines += ["", "Figures (at the folder root; every one is listed in analysis_summary.md):"]
+        lines += figure_patterns(figures) + [NOTES_END]
+        return "\n".join(lines) + "\n"
+
+    for detail in ((3, 3, 2), (3, 2, 1), (2, 2, 1), (2, 1, 0), (1, 1, 0), (0, 1, 0), (0, 0, 0)):
+        text = render(*detail)
+        if len(text) <= limit:
+            return text
+    return text[: limit - len(NOTES_END) - 6] + "\n...\n" + NOTES_END + "\n"
+
+
+def update_notes(path: str, block: str) -> None:
+    """Replace the findings block in notes.txt (or append it, or create the file), leaving every byte outside the
+    block as it was; written to a temporary file and renamed."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    begin = text.find(NOTES_BEGIN)
+    if begin >= 0:
+        end = text.find(NOTES_END, begin)
+        if end < 0:
+            warn(f"{path}: the findings block has no end marker; it is taken to run to the end of the file")
+            end = len(text)
+        else:
+            end += len(NOTES_END)
+            if text[end:end + 1] == "\n":
+                end += 1
+        text = text[:begin] + block + text[end:]
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + block
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else None  # the user's file keeps its permissions
+    write_text(path, text, mode)
+
+
+def write_spikes(pairs: list, out_dir: str) -> None:
+    columns = ["run", "op", "seed", "grok_step", "spikes", "spike_steps", "min_train_acc", "min_val_acc",
+               "ends_in_spike", "final_val_acc", "tail_val_acc"]
+    write_csv(os.path.join(out_dir, "spikes.csv"), columns,
+              ({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in spike_rows(pairs)))
+
+
+def write_leadlag(rows: list, out_dir: str) -> None:
+    columns = ["run", "op", "seed", "measure", "layer", "split", "t10", "t50", "t90", "lead"]
+    write_csv(os.path.join(out_dir, "leadlag.csv"), columns,
+              ({k: "" if v is None else round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
+               for r in rows))
+
+
+# ----------------------------------------------------------------------------- main
+def _limit_threads() -> None:
+    """One thread per worker process. The libraries must be loaded first: threadpoolctl only limits those
+    already loaded, and sklearn's OpenMP and scipy's OpenBLAS would otherwise spin 2 threads per worker."""
+    import sklearn.manifold  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import sklearn.neighbors  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+class FigureCache:
+    """Which figures were drawn from which inputs: a figure group whose key is unchanged is not redrawn."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.entries = read_json(path)
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def get(self, name: str, key: str):
+        entry = self.entries.get(name)
+        if entry and entry["key"] == key and all(os.path.exists(path) for path, _ in entry["figures"]):
+            return [tuple(f) for f in entry["figures"]]
+        return None
+
+    def put(self, name: str, key: str, figures: list) -> None:
+        self.entries[name] = {"key": key, "figures": figures}
+
+    def save(self) -> None:
+        write_json(self.path, self.entries)
+
+
+def figures_key(P) -> str:
+    """Hash of plot.py, so that editing it redraws every figure."""
+    with open(os.path.abspath(P.__file__)) as f:
+        return hashlib.sha1(f.read().encode()).hexdigest()[:16]
+
+
+def inputs_key(P, settings, pairs: list, *extra) -> str:
+    """Cache key of figures drawn from these pairs' logs, results and snapshots."""
+    inputs = [(p.run, p.op, p.seed, len(p.log), p.log[-1], p.grok_step,
+               [(file_key(s["path"]), s["val_acc"]) for s in p.snapshots]) for p in pairs]
+    return settings_key(settings, figures_key(P), *extra, inputs)
+
+
+def main(P, args) -> int:
+    """Everything plot.py writes: figures (P's functions, in a process pool, cached), metrics.csv/parquet,
+    leadlag.csv, spikes.csv, analysis_summary.md and the notes.txt block. Returns the exit code."""
+    runs = discover_runs(args, P.labels)
+    pairs = [p for run in runs for p in load_run(run, run)]
+    if not pairs:
+        print("plot.py: error: no runs found (no run_* folder with results here; see --runs)", file=sys.stderr)
+        return 1
+    settings = P.Settings(tsne=not args.no_tsne)
+    os.makedirs(args.out_dir, exist_ok=True)
+    cache_dir = os.path.join(args.out_dir, ".plot_cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    drawn = FigureCache(os.path.join(cache_dir, "figures.json"))
+    by_op = {}
+    for p in pairs:
+        by_op.setdefault(p.op, {}).setdefault(p.run, []).append(p)
+    with_snaps = [p for p in pairs if p.snapshots]
+    shown = {}  # the pictures show the first seed with snapshots of each (run, op)
+    for p in with_snaps:
+        shown.setdefault((p.run, p.op), p)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    figures, jobs = [], {}
+    with ProcessPoolExecutor(args.workers or cores, mp_context=get_context("fork"),
+                             initializer=_limit_threads) as pool:
+        for (run, op), p in shown.items():
+            key = inputs_key(P, settings, [p], "representations")
+            cached = drawn.get(f"representations/{run}/{op}", key)
+            if cached is None:
+                jobs[f"representations/{run}/{op}"] = (key, pool.submit(P.representation_figures, p, settings,
+                                                                          args.out_dir))
+            else:
+                figures += cached
+        # Pairs with a measures.jsonl have every metric densely from training; the others get them from snapshots.
+        metric_jobs = [(p, pool.submit(pair_metrics, p, settings, cache_dir)) for p in with_snaps
+                       if not os.path.exists(os.path.join(p.folder, MEASURES))]
+        key = inputs_key(P, settings, pairs, "curves", runs)
+        cached = drawn.get("curves", key)
+        if cached is None:
+            try:
+                cached = P.plot_curves(by_op, runs, args.out_dir)
+                drawn.put("curves", key, cached)
+            except Exception as e:
+                warn(f"learning curves skipped ({type(e).__name__}: {e})")
+                cached = []
+        figures += cached
+        rows, rows_by = [], {}
+        for p, job in metric_jobs:
+            found = job.result()
+            rows += found
+            rows_by.setdefault((p.run, p.op), []).extend(found)
+        for p in pairs:
+            found = measure_rows(p)
+            rows += found
+            rows_by.setdefault((p.run, p.op), []).extend(found)
+        leadlag, left_out = [], {}
+        for (run, op), found in rows_by.items():
+            try:
+                made, left_out[(run, op)] = leadlag_rows(by_op[op][run], found)
+            except Exception as e:
+                warn(f"lead-lag of {run} {op} skipped ({type(e).__name__}: {e})")
+                made, left_out[(run, op)] = [], []
+            leadlag += made
+            key = settings_key(settings, "progress", found, inputs_key(P, settings, by_op[op][run]))
+            cached = drawn.get(f"progress/{run}/{op}", key)
+            if cached is None:
+                jobs[f"progress/{run}/{op}"] = (key, pool.submit(P.progress_figure, run, op, by_op[op][run], found,
+                                                                 made, args.out_dir))
+            else:
+                figures += cached
+        for (run, op), found in rows_by.items():
+            key = settings_key(settings, "plugins", found, inputs_key(P, settings, by_op[op][run]))
+            cached = drawn.get(f"plugins/{run}/{op}", key)
+            if cached is None:
+                mine = [r for r in found if r["layer"] in ("model", "embedding")]
+                jobs[f"plugins/{run}/{op}"] = (key, pool.submit(P.plugin_figures, run, op, by_op[op][run], mine,
+                                                                args.out_dir))
+            else:
+                figures += cached
+        for (run, op), found in rows_by.items():
+            found = [r for r in found if r["layer"] in LAYERS]
+            if not found:
+                continue
+            key = settings_key(settings, "metrics", found, inputs_key(P, settings, by_op[op][run]))
+            cached = drawn.get(f"metrics/{run}/{op}", key)
+            if cached is None:
+                jobs[f"metrics/{run}/{op}"] = (key, pool.submit(P.metric_figures, run, op, by_op[op][run], found,
+                                                                args.out_dir))
+            else:
+                figures += cached
+        for name, (key, job) in jobs.items():
+            try:
+                made = job.result()
+            except Exception as e:  # a run an agent changed may lack what one figure needs: skip that figure only
+                warn(f"{name.replace('/', ' ')}: figure skipped ({type(e).__name__}: {e})")
+                continue
+            drawn.put(name, key, made)
+            figures += made
+    drawn.save()
+    write_tables(rows, args.out_dir)
+    write_leadlag(leadlag, args.out_dir)
+    write_spikes(pairs, args.out_dir)
+    summary = os.path.join(args.out_dir, "analysis_summary.md")
+    write_text(summary, summary_markdown(by_op, runs, rows_by, sorted(figures), leadlag, left_out))
+    if args.notes:
+        update_notes(args.notes, findings_block(by_op, runs, rows_by, leadlag, sorted(figures)))
+    print(f"plot.py: {len(figures)} figures, {len(rows)} metric rows, summary in {summary}", file=sys.stderr)
+    return 0
+

@@ -1,0 +1,418 @@
+"""Running an experiment: the out_dir lock, resume, the worker pool and signals, and final_info.json.
+`E` below is the experiment module (experiment.py): its Config, registries and train_one."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from multiprocessing import get_context, resource_tracker
+from multiprocessing.connection import wait as wait_for_connections
+
+import numpy as np
+import torch
+
+from lab.cli import RUNTIME_FIELDS, config_dict, config_from_dict, parse_args
+from lab.files import atomic_write, read_json, remove_partials, write_json
+from lab.plugins import PluginError, UsageError
+from lab.schema import CONFIG, FINAL_INFO, LOG, MODEL, Job, final_info_file, job_dir
+
+
+class WorkerError(Exception):
+    """A training process failed or died; the message names the job."""
+
+
+def device_of(cfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def resolved_workers(cfg, n_jobs: int) -> tuple[int, int]:
+    """(processes, torch threads per process) for n_jobs independent jobs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # Small models use a core badly from several threads: one single-threaded process per
+    # core trains about 1.3x more steps per second than one process on all cores. The thread
+    # count also changes float rounding, so it is fixed (1) unless set: then the numbers do not
+    # depend on --workers or on the machine's core count.
+    threads = cfg.threads or 1
+    workers = cfg.workers or (1 if device_of(cfg).type == "cuda" else max(1, cores // threads))
+    return max(1, min(workers, n_jobs)), threads
+
+
+
+
+# ----------------------------------------------------------------------------- a job's files
+def write_examples(path: str, task, train_idx: torch.Tensor) -> None:
+    """The example table: one row per pair, rows aligned with every snapshot."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    split = np.full(len(task.y), "val", dtype=object)
+    split[train_idx.numpy()] = "train"
+    table = datasets.Dataset.from_dict({
+        "pair": np.arange(len(task.y)),
+        "a": task.a.numpy(),
+        "b": task.b.numpy(),
+        "label": task.y.numpy(),
+        "split": split.tolist(),
+    })
+    atomic_write(path, lambda tmp: table.to_parquet(tmp))
+
+
+def save_model(model, path: str) -> None:
+    """The model's weights as safetensors (shared tensors handled by safetensors' save_model)."""
+    from safetensors.torch import save_model as save
+
+    atomic_write(path, lambda tmp: save(model, tmp))
+
+
+def load_model(E, run_dir: str, op: str, seed: int, device: str = "cpu"):
+    """The final model of (op, seed) in run_dir, rebuilt offline from the run's config.json and the job's
+    model.safetensors, in eval mode. No pickle, no download. The data: E.make_task(op, cfg.p, cfg.perm_k)."""
+    from safetensors.torch import load_model as load
+
+    cfg = config_from_dict(E.Config, read_json(os.path.join(run_dir, CONFIG)))
+    model = E.build_model(cfg, E.make_task(op, cfg.p, cfg.perm_k))
+    load(model, os.path.join(job_dir(run_dir, Job(op, seed)), MODEL), device=device)
+    return model.to(device).eval()
+
+
+
+
+# ----------------------------------------------------------------------------- out_dir, resume
+def jobs_of(cfg) -> list:
+    """Every job of a run, in order: each op's seeds 0 .. seeds-1."""
+    return [Job(op, seed) for op in cfg.ops for seed in range(cfg.seeds)]
+
+
+def prepare_out_dir(cfg, E) -> list:
+    """Check a saved config, clean up a killed run, and return the jobs still to train. A field missing from a
+    saved config (a run made before that field existed) counts as its default."""
+    saved_path = os.path.join(cfg.out_dir, CONFIG)
+    if os.path.exists(saved_path):
+        saved = read_json(saved_path)
+        now, defaults = config_dict(cfg), config_dict(E.Config())
+        changed = sorted(k for k in set(saved) | set(now)
+                         if k not in RUNTIME_FIELDS and saved.get(k, defaults.get(k)) != now.get(k))
+        if changed and not cfg.overwrite:
+            raise UsageError(f"{cfg.out_dir} holds results of another config (differs in {', '.join(changed)}); "
+                             "pass --overwrite to discard them or choose another --out_dir")
+        if changed:
+            for name in os.listdir(cfg.out_dir):
+                path = os.path.join(cfg.out_dir, name)
+                if name.startswith("final_info") or name.startswith("all_results") or name == CONFIG:
+                    os.remove(path)
+                elif os.path.isdir(path) and any(name.startswith(f"{op}_") for op in E.OPS):
+                    shutil.rmtree(path)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    remove_partials(cfg.out_dir)
+    write_json(saved_path, config_dict(cfg))
+    return [job for job in jobs_of(cfg) if not os.path.exists(final_info_file(cfg.out_dir, job))]
+
+
+def label(job: Job) -> str:
+    """A job for people: 'x_plus_y seed 0' (and its overrides)."""
+    return " ".join([f"{job.op} seed {job.seed}", *(f"{k}={v}" for k, v in job.overrides)])
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a plain line per job and about every 1000 steps."""
+
+    def __init__(self, cfg, total_steps: int):
+        mode = cfg.progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode, self.cfg = mode, cfg
+        self.bar, self.done = None, {}
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+    def line(self, text: str) -> None:
+        if self.mode == "none":
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def __call__(self, job, step, metrics):
+        if self.bar is not None:
+            done = self.done.get(job, 0)
+            self.bar.update(step - done)
+            self.done[job] = step
+            self.bar.set_postfix_str(f"{label(job)} val_acc {metrics['val_acc']:.3f}", refresh=False)
+        elif self.mode == "lines" and (step % 1000 == 0 or step == self.cfg.steps):
+            self.line(f"{label(job)}: step {step}/{self.cfg.steps} train_acc {metrics['train_acc']:.3f} "
+                      f"val_acc {metrics['val_acc']:.3f}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- workers and signals
+STOP = threading.Event()  # set by SIGTERM while training; the training loop checks it every step
+
+
+def _stop_at_next_step(signum, frame):
+    """SIGTERM while training: raising here could land in any finalizer (an 'Exception ignored' traceback), so
+    only ask the training loop to stop; a process already past its loop finishes its pair first."""
+    STOP.set()
+
+
+def _exit_quietly(signum, frame):
+    signal.signal(signum, signal.SIG_IGN)  # once is enough: a second signal would interrupt the clean-up
+    raise SystemExit(128 + signum)
+
+
+def _train_in_worker(train_one, cfg, job: Job, threads: int, conn) -> None:
+    """train_one in a child process: progress, then the record or the error, go back through `conn`.
+
+    The child ignores Ctrl-C: the parent stops it with SIGTERM, on which the training loop unwinds at its
+    next step, so one line is printed, not a traceback per process.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_at_next_step)  # the parent's stop; the training loop unwinds, cleaning up
+    try:  # Linux: if the parent dies (kill -9), get SIGTERM rather than train on as an orphan
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    # tqdm (which datasets uses, bars off or on) makes a multiprocessing lock, a named semaphore that a child
+    # killed before its exit-time clean-up leaks, and the resource tracker then warns on stderr. A child
+    # draws no bar, so a thread lock does.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+    torch.set_num_threads(threads)
+    try:
+        record = train_one(cfg, job, report=lambda *args: conn.send(("progress", args)))
+        conn.send(("done", {k: v for k, v in record.items() if k != "log"}))
+    except PluginError as e:
+        conn.send(("plugin_error", str(e)))
+    except Exception as e:
+        import traceback
+
+        conn.send(("error", f"{label(job)} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+def _reap(child, timeout: float = 60) -> None:
+    """Wait for a child to exit; one that is past its training loop no longer acts on SIGTERM, so kill it
+    if its clean-up hangs."""
+    child.join(timeout=timeout)
+    if child.is_alive():
+        child.kill()
+        child.join()
+
+
+def _finished(progress, record) -> None:
+    progress.line(f"{label(Job(record['op'], record['seed'], tuple(record.get('overrides', ()))))}: done in "
+                  f"{record['train_seconds']:.0f}s, "
+                  f"final val_acc {record['final_info']['final_val_acc']:.3f}")
+
+
+def train_jobs(train_one, cfg, todo: list, workers: int, threads: int, progress) -> None:
+    """Train the jobs in todo, in this process or in up to `workers` child processes."""
+    if workers == 1:
+        torch.set_num_threads(threads)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _stop_at_next_step) if in_main_thread else None
+        try:  # SIGTERM stops the training loop at its next step, as in a child
+            for job in todo:
+                progress.line(f"{label(job)}: start")
+                _finished(progress, train_one(cfg, job, report=progress))
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        return
+    ctx = get_context("spawn")
+    # Started now, not inside the first child.start() below: starting it unblocks SIGINT, which the children
+    # must inherit blocked.
+    resource_tracker.ensure_running()
+    waiting, running, unfinished = list(todo), {}, len(todo)  # running: pipe -> child process
+    reported = set()  # pipes whose child has sent its results
+    try:
+        while unfinished or running:  # a child that has reported still has to exit: wait, never kill it then
+            while waiting and len(running) < workers:
+                job = waiting.pop(0)
+                receiver, sender = ctx.Pipe(duplex=False)  # a pipe per child: no locks for Ctrl-C to break
+                child = ctx.Process(target=_train_in_worker, args=(train_one, cfg, job, threads, sender),
+                                    daemon=True)
+                # The child inherits a blocked SIGINT: a Ctrl-C while it is still starting up (importing torch,
+                # before _train_in_worker runs) would otherwise print its own KeyboardInterrupt traceback.
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    child.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                sender.close()
+                running[receiver] = child
+                child.name = label(job)
+            for receiver in wait_for_connections(list(running), timeout=1.0):
+                try:
+                    kind, payload = receiver.recv()
+                except EOFError:  # the child is exiting
+                    child = running.pop(receiver)
+                    if receiver in reported:  # its results are written: let it clean up, but not hang the run
+                        _reap(child)
+                        continue
+                    child.join()
+                    raise WorkerError(f"the process training {child.name} ended without reporting its results "
+                                      f"(exit code {child.exitcode})")
+                if kind == "progress":
+                    progress(*payload)
+                elif kind == "done":
+                    _finished(progress, payload)
+                    reported.add(receiver)
+                    unfinished -= 1
+                elif kind == "plugin_error":
+                    raise PluginError(payload)
+                else:
+                    raise WorkerError(payload)
+    finally:
+        for child in running.values():  # Ctrl-C or an error: stop the jobs in flight (they restart on resume)
+            child.terminate()  # stops at its next step; a child past its loop finishes and exits
+        for child in running.values():
+            _reap(child)
+
+
+def lock_out_dir(out_dir: str):
+    """One writer per out_dir: an exclusive flock on out_dir/.lock, held by the returned open file. The kernel
+    releases it when the process ends, kill -9 included, so a dead run never leaves the folder locked."""
+    import fcntl
+
+    os.makedirs(out_dir, exist_ok=True)
+    handle = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UsageError(f"{out_dir} is being written by another experiment.py (pid {holder}); wait for it to "
+                         "finish or choose another --out_dir")
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def main(E, cfg) -> dict:
+    """Train every unfinished job of cfg with E.train_one, then write final_info.json (and the template's
+    all_results files)."""
+    lock = lock_out_dir(cfg.out_dir)
+    try:
+        return _main_locked(E, cfg)
+    finally:
+        lock.close()
+
+
+def _main_locked(E, cfg) -> dict:
+    todo = prepare_out_dir(cfg, E)
+    workers, threads = resolved_workers(cfg, max(1, len(todo)))
+    progress = Progress(cfg, cfg.steps * len(todo))
+    for job in jobs_of(cfg):
+        if job not in todo:
+            progress.line(f"{label(job)}: already finished in {cfg.out_dir}, skipped")
+    progress.line(f"training {len(todo)} (op, seed) pairs on {device_of(cfg)} with {workers} worker(s) "
+                  f"x {threads} thread(s) into {cfg.out_dir}")
+    start = time.perf_counter()
+    try:
+        train_jobs(E.train_one, cfg, todo, workers, threads, progress)
+    finally:
+        progress.close()
+
+    results, all_results = {}, {}
+    for op in cfg.ops:
+        infos = []
+        for seed in range(cfg.seeds):
+            job = Job(op, seed)
+            info = read_json(final_info_file(cfg.out_dir, job))
+            with open(os.path.join(job_dir(cfg.out_dir, job), LOG)) as f:
+                log = [json.loads(line) for line in f]
+            infos.append(info)
+            all_results[f"{op}_{seed}_final_info"] = info
+            all_results[f"{op}_{seed}_train_info"] = [
+                {"step": r["step"], "train_loss": r["train_loss"], "train_accuracy": r["train_acc"]} for r in log]
+            all_results[f"{op}_{seed}_val_info"] = [
+                {"step": r["step"], "val_loss": r["val_loss"], "val_accuracy": r["val_acc"]} for r in log]
+        results[op] = summarize(infos)
+    write_json(os.path.join(cfg.out_dir, "all_results.json"), all_results)
+    # The template's pickle, for its old plotting scripts; this project never reads it.
+    def write_npy(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, np.array(all_results, dtype=object), allow_pickle=True)
+
+    atomic_write(os.path.join(cfg.out_dir, "all_results.npy"), write_npy)
+    write_json(os.path.join(cfg.out_dir, FINAL_INFO), results)
+    progress.line(f"finished in {time.perf_counter() - start:.0f}s: {os.path.join(cfg.out_dir, FINAL_INFO)}")
+    return results
+
+
+def cli(E, argv=None) -> None:
+    """`python experiment.py [flags]`: parse and validate the flags, run, and turn every failure into one line
+    on stderr and an exit code (2 bad input, 1 a plugin or worker failed, 130 Ctrl-C, 143 SIGTERM)."""
+    config = parse_args(E, argv)
+    signal.signal(signal.SIGTERM, _exit_quietly)  # a harness's timeout: stop the children, keep finished pairs
+    try:
+        main(E, config)
+    except UsageError as e:
+        print(f"experiment.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except (PluginError, WorkerError) as e:
+        print(f"experiment.py: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        print(f"experiment.py: interrupted; finished (op, seed) pairs are kept in {config.out_dir}, "
+              "run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130)
+    except SystemExit as e:
+        if e.code == 128 + signal.SIGTERM:
+            print(f"experiment.py: terminated; finished (op, seed) pairs are kept in {config.out_dir}, "
+                  "run the same command again to resume", file=sys.stderr)
+        raise
+
+
+# ----------------------------------------------------------------------------- final_info.json
+TEMPLATE_KEYS = ("final_train_loss", "final_val_loss", "final_train_acc", "final_val_acc", "step_val_acc_99")
+
+
+def _number(value):
+    """value as a float when it is a finite number (bools count as 0/1), else None."""
+    if isinstance(value, (bool, int, float)) and not isinstance(value, complex) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
+def summarize(final_infos: list) -> dict:
+    """The template's per-op block: means, stderrs (ddof=1 std / sqrt(n)) and per-seed lists.
+
+    Keys that plugins add to final_info are averaged too, over the seeds where they are a finite number: a None
+    or NaN in some seeds gives the mean of the others and `{key}_n`, the count, in means; a key that is never a
+    number (a string, a list) is only kept per seed.
+    """
+    extra = [k for k in dict.fromkeys(k for info in final_infos for k in info) if k not in TEMPLATE_KEYS
+             and k != "grokked"]
+    per_seed = {k: [None if isinstance(v, float) and not math.isfinite(v) else v  # JSON has no NaN
+                    for v in (info.get(k) for info in final_infos)] for k in (*TEMPLATE_KEYS, *extra)}
+    means, stderrs = {}, {}
+    for key, values in per_seed.items():
+        numbers = [v for v in map(_number, values) if v is not None]
+        if key in extra and not numbers and any(v is not None for v in values):
+            continue  # not numeric: per seed only
+        n = len(numbers)
+        means[f"{key}_mean"] = float(np.mean(numbers)) if n else None
+        stderrs[f"{key}_stderr"] = float(np.std(numbers, ddof=1) / math.sqrt(n)) if n > 1 else (0.0 if n else None)
+        if key in extra:
+            means[f"{key}_n"] = n
+    per_seed["grokked"] = [bool(info.get("grokked")) for info in final_infos]
+    return {"means": means, "stderrs": stderrs, "final_info_dict": per_seed}

@@ -1,0 +1,95 @@
+"""What experiment.py writes and plot.py reads: file names, job names, thresholds and the metric registry."""
+
+import os
+from dataclasses import dataclass
+
+# ----------------------------------------------------------------------------- files of a run
+CONFIG = "config.json"  # out_dir/config.json: the resolved Config
+FINAL_INFO = "final_info.json"  # out_dir/final_info.json: the template's schema, per op
+LOG = "log.jsonl"  # per job: one row per evaluation
+MEASURES = "measures.jsonl"  # per job: the measures plugin's rows
+EXAMPLES = "examples.parquet"  # per job: one row per pair, aligned with every snapshot
+MODEL = "model.safetensors"  # per job: the final weights
+RUN = "run.json"  # per job: seeds, timings, device
+ACTIVATIONS = "activations"  # per job: snapshot folder, with index.json
+INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model to train: an op, a seed, and Config overrides ((field, value), ...) for what differs from the
+    run's Config (a sweep cell, say). Today's runs have no overrides."""
+
+    op: str
+    seed: int
+    overrides: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return job_name(self.op, self.seed, self.overrides)
+
+
+def job_name(op: str, seed: int, overrides: tuple = ()) -> str:
+    """The one naming of a job, for its folder and its final_info file: x_plus_y_0, or with overrides
+    x_plus_y_0__lr=0.003__weight_decay=1."""
+    return "__".join([f"{op}_{seed}", *(f"{field}={value}" for field, value in sorted(overrides))])
+
+
+def job_dir(out_dir: str, job: Job) -> str:
+    return os.path.join(out_dir, job.name)
+
+
+def final_info_file(out_dir: str, job: Job) -> str:
+    """Written last for a job: its presence marks the job finished."""
+    return os.path.join(out_dir, f"final_info_{job.name}.json")
+
+
+# ----------------------------------------------------------------------------- thresholds
+GROKKED_ABOVE = 0.99  # val acc above this at an evaluation: grokked (the template's step_val_acc_99)
+MEMORISED_AT = 0.99  # train acc at least this at an evaluation: memorised
+BEFORE_BELOW = 0.1  # phases by val acc: before (< 0.1), during, after (>= GROKKED_ABOVE)
+
+
+def phase_of(val_acc: float) -> str:
+    """before (< 0.1), during (0.1 to < 0.99), after (>= 0.99); an unknown accuracy (step 0) is before."""
+    if not val_acc >= BEFORE_BELOW:
+        return "before"
+    return "during" if val_acc < GROKKED_ABOVE else "after"
+
+
+# ----------------------------------------------------------------------------- metric registry
+LAYERS = ("first", "last")  # the two representation layers: a model's capture_modules keys
+METRIC_SPLITS = {  # representation metric -> the splits it is computed on
+    "silhouette": ("train", "val"),
+    "davies_bouldin": ("train", "val"),
+    "calinski_harabasz": ("train", "val"),
+    "nc1": ("train", "val"),
+    "ncc_acc": ("val",),
+    "knn_acc": ("val",),
+    "within_class_var": ("all",),
+    "participation_ratio": ("all",),
+}
+METRIC_TITLES = {
+    "silhouette": "silhouette (higher: tighter classes)",
+    "davies_bouldin": "Davies-Bouldin (lower: better separated)",
+    "calinski_harabasz": "Calinski-Harabasz (higher: better separated)",
+    "nc1": "nc1 = tr(S_w S_b^+)/C (lower: collapsed)",
+    "ncc_acc": "nearest-centroid acc (val, train centroids)",
+    "knn_acc": "kNN acc (val, k=5 train neighbours)",
+    "within_class_var": "within-class share of variance (all pairs)",
+    "participation_ratio": "participation ratio (effective dim)",
+}
+MODEL_MEASURES = {  # layers model / embedding: metric -> title
+    "param_norm": "param_norm: L2 norm of all weights",
+    "logit_norm": "logit_norm (train pairs)",
+    "softmax_collapse": "softmax_collapse (train pairs)",
+    "restricted_loss": "restricted loss (key freqs only, all pairs)",
+    "excluded_loss": "excluded loss (key freqs removed, train)",
+    "logit_key_frac": "logits' power in the key freqs",
+    "fourier_topk_frac": "embedding power in top-k freqs",
+    "rqi": "RQI of the embedding",
+}
+LOG_METRICS = {"param_norm": "all", "logit_norm": "train", "softmax_collapse": "train"}  # norms plugin, in log.jsonl
+PLUGIN_FILES = {"fourier": ("topk_frac", "fourier_topk_frac"), "rqi": ("rqi", "rqi")}  # file -> (key, metric)
+LOG_MEASURES = [("train", "loss", "train_loss"), ("val", "loss", "val_loss"), ("train", "acc", "train_acc"),
+                ("val", "acc", "val_acc")]  # learning curves as measures: (split, metric, log key), layer "log"
