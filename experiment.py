@@ -482,12 +482,12 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
     else:
         autocast = nullcontext
 
+    hooks = PluginHooks([cls() for cls in plugin_classes(cfg)])  # plugin files may add registry entries
     torch.manual_seed(seeds["init_seed"])
     loss_fn = LOSSES[cfg.loss]
     run = Run(cfg, job, out_dir, task, train_idx, val_idx, build_model(cfg, task).to(device), device, loss_fn,
               evaluate, OPS[job.op], seeds)
     run.autocast = autocast
-    hooks = PluginHooks([cls() for cls in plugin_classes(cfg)])
     hooks.init_model(run)
     model = run.model
     groups = [g for g in hooks.param_groups(run) if g is not None]

@@ -27,36 +27,49 @@ class PluginError(Exception):
 
 
 class Plugin:
-    """Base class of plugins: override the hooks you need. `run` is the Run below.
-
-    In the order they are called for each (op, seed):
-    init_model       the model is built (under init_seed), the optimizer is not: re-initialise run.model here
-    param_groups     return the optimizer's parameter groups (a list of dicts, e.g. a learning rate per layer)
-    on_train_begin   before the first update
-    transform_batch  return the (x, y) training batch to use (augmentation); validation pairs never pass here
-    on_after_backward, on_step_end, on_eval, on_train_end: see each one below.
-    """
+    """Base class of plugins: override the hooks you need, listed here in the order they are called for each
+    job. `run` is the Run below (one model). A fresh instance is made for every job."""
 
     name = "plugin"
 
-    def init_model(self, run): ...  # the global torch RNG continues from init_seed, so a random init is seeded
+    def init_model(self, run):
+        """The model is built under init_seed and the optimizer is not: re-initialise run.model here (the global
+        torch RNG continues from init_seed, so a random init is seeded)."""
 
-    def param_groups(self, run): ...  # None: one group of every parameter; at most one plugin may return groups
+    def param_groups(self, run):
+        """Return the optimizer's parameter groups (a list of dicts, e.g. a learning rate per layer); None: one
+        group of every parameter. At most one plugin may return groups."""
 
-    def on_train_begin(self, run): ...
+    def on_train_begin(self, run):
+        """Before the first update."""
 
-    def transform_batch(self, run, step, x, y): ...  # x (batch, 4) tokens, y (batch,) classes -> (x, y)
+    def transform_batch(self, run, step, x, y):
+        """Return the (x, y) training batch to use (augmentation): x (batch, 4) tokens, y (batch,) classes.
+        Validation pairs never pass here."""
 
-    def on_after_backward(self, run, step): ...  # gradients exist; the update has not happened
+    def on_after_backward(self, run, step):
+        """Gradients exist, the update has not happened: gradient filters go here."""
 
-    def on_step_end(self, run, step): ...  # after update number `step` (1-based)
+    def on_step_end(self, run, step):
+        """After update number `step` (1-based)."""
 
-    def on_eval(self, run, step, metrics): ...  # keys added to `metrics` go into the log
+    def on_eval(self, run, step, metrics):
+        """After each evaluation; keys added to `metrics` go into log.jsonl."""
 
-    def on_train_end(self, run, final_info): ...  # keys added to `final_info` are saved, averaged in final_info.json
+    def on_train_end(self, run, final_info):
+        """Keys added to `final_info` are saved, and averaged in final_info.json."""
 
 
-# ----------------------------------------------------------------------------- example interventions
+def hooks_markdown() -> str:
+    """The hook list of docs/plugins.md, generated from Plugin's docstrings (`python -m lab.cli`)."""
+    import inspect
+
+    lines = []
+    for hook in PluginHooks.HOOKS:
+        method = getattr(Plugin, hook)
+        args = ", ".join(list(inspect.signature(method).parameters)[1:])
+        lines.append(f"- `{hook}({args})`: {' '.join(inspect.getdoc(method).split())}")
+    return "\n".join(lines) + "\n"
 
 
 class Run:

@@ -23,12 +23,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import experiment as E  # noqa: E402
+from lab.schema import Job  # noqa: E402
 from bench_plot import cpu_description  # noqa: E402
 
 
 def one_run(cfg: E.Config, op: str) -> tuple[float, dict]:
     start = time.perf_counter()
-    record = E.train_one(cfg, op, 0)
+    record = E.train_one(cfg, Job(op, 0))
     return time.perf_counter() - start, record["plugin_seconds"]
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import experiment as E  # noqa: E402
+from conftest import make_run  # noqa: E402
 from bench_plot import cpu_description  # noqa: E402
 
 
@@ -159,7 +160,7 @@ def our_step_time(task, train_idx, val_idx, repeats, rounds, dtype="fp32", devic
             loss.backward()
             optimizer.step()
             loss_sum.add_(loss.detach())
-        E.evaluate(model, x_val, y_val, autocast)
+        E.evaluate(model, x_val, y_val, autocast, E.LOSSES["cross_entropy"])
 
     return median_time(round_, repeats, rounds) / 10
 
@@ -207,7 +208,7 @@ def capture_cost(task, train_idx, val_idx, repeats=5) -> float:
     names = list(model.capture_modules.values())
     with tempfile.TemporaryDirectory() as folder:
         def once():
-            run = E.Run(cfg, "x_plus_y", 0, folder, task, train_idx, val_idx, model, None, torch.device("cpu"))
+            run = make_run(cfg, "x_plus_y", task, train_idx, val_idx, model, out_dir=folder)
             outputs = run.all_outputs()  # without an evaluation to share: both halves of the pairs
             save_file({k: outputs[k].half().contiguous() for k in names}, os.path.join(folder, "s.safetensors"))
 

@@ -35,3 +35,15 @@ def tiny_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("tiny")
     run_script("experiment.py", ["--out_dir=run_0", *TINY], cwd)
     return cwd / "run_0"
+
+
+def make_run(cfg, op, task, train_idx, val_idx, model, seed=0, out_dir=""):
+    """The Run a plugin sees, built as train_one builds it (no optimizer)."""
+    import torch
+
+    import experiment as E
+    from lab.plugins import Run
+    from lab.schema import Job
+
+    return Run(cfg, Job(op, seed), out_dir, task, train_idx, val_idx, model, torch.device("cpu"), E.LOSSES[cfg.loss],
+               E.evaluate, E.OPS[op], E.derived_seeds(seed))

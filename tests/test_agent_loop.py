@@ -14,8 +14,10 @@ import pytest
 import torch
 
 import experiment as E
-import plot
-from conftest import ROOT, TINY, read_json, run_script
+from lab.runner import TEMPLATE_KEYS, summarize
+from lab import analysis as A
+from lab import report as R
+from conftest import ROOT, TINY, make_run, read_json, run_script
 
 EXAMPLES = ["xavier_init", "layer_lr", "swap_operands", "step_val_acc_95"]
 HARNESS_NOTES = ("# Title: Does operand swapping speed up grokking?\n# Experiment description: swap a and b.\n"
@@ -86,8 +88,8 @@ def test_harness_run_and_plot_succeed_and_notes_keep_the_harness_text(idea_folde
     assert "step_val_acc_95_mean" in prompt and "step_val_acc_99_mean" in prompt
     notes = (folder / "notes.txt").read_text()
     assert notes.startswith(HARNESS_NOTES)
-    block = notes[notes.index(plot.NOTES_BEGIN):]
-    assert block.rstrip().endswith(plot.NOTES_END) and len(block) <= plot.NOTES_LIMIT
+    block = notes[notes.index(R.NOTES_BEGIN):]
+    assert block.rstrip().endswith(R.NOTES_END) and len(block) <= R.NOTES_LIMIT
     assert "[run_0] x_plus_y" in block and "[run_1] x_minus_y" in block
     named = [part.split("e.g. ")[-1].rstrip("]") for part in block.split("[")[1:] if "]" in part
              and part.split("]")[0].endswith((".png", ".gif"))]
@@ -107,7 +109,7 @@ def test_the_four_example_interventions_act(idea_folder):
         reached = [s for s in per_seed if s is not None]
         assert run[op]["means"]["step_val_acc_95_n"] == len(reached)
         assert run[op]["means"]["step_val_acc_95_mean"] == (np.mean(reached) if reached else None)
-        assert set(base[op]["means"]) == {f"{k}_mean" for k in E.TEMPLATE_KEYS}  # the template's keys only
+        assert set(base[op]["means"]) == {f"{k}_mean" for k in TEMPLATE_KEYS}  # the template's keys only
 
 
 def test_example_plugins_init_param_groups_and_augmentation():
@@ -118,7 +120,7 @@ def test_example_plugins_init_param_groups_and_augmentation():
     def fresh(plugin):
         torch.manual_seed(1337)
         model = E.build_model(cfg, task)
-        run = E.Run(cfg, "x_minus_y", 0, "", task, train_idx, val_idx, model, None, torch.device("cpu"))
+        run = make_run(cfg, "x_minus_y", task, train_idx, val_idx, model)
         plugin.init_model(run)
         return run
 
@@ -147,7 +149,7 @@ def test_example_plugins_init_param_groups_and_augmentation():
 
 VALIDATION_GUARD = '''
 import torch
-from experiment import Plugin, evaluate
+from experiment import Plugin
 
 
 class Guard(Plugin):
@@ -164,7 +166,7 @@ class Guard(Plugin):
         return x, torch.zeros_like(y)
 
     def on_eval(self, run, step, metrics):
-        _, val_acc, _ = evaluate(run.model, run.task.x[run.val_idx], run.task.y[run.val_idx], run.autocast)
+        _, val_acc, _ = run.evaluate(run.task.x[run.val_idx], run.task.y[run.val_idx])
         self.ok &= val_acc == metrics["val_acc"]  # the logged val accuracy is on the untouched validation pairs
 
     def on_train_end(self, run, final_info):
@@ -184,9 +186,9 @@ def test_validation_pairs_never_pass_through_transform_batch(tmp_path):
 
 
 def test_final_info_means_skip_none_and_nan_and_keep_text_per_seed():
-    infos = [{**dict.fromkeys(E.TEMPLATE_KEYS, 1.0), "grokked": True, "mdl": m, "note": t, "never": None}
+    infos = [{**dict.fromkeys(TEMPLATE_KEYS, 1.0), "grokked": True, "mdl": m, "note": t, "never": None}
              for m, t in ((2.0, "a"), (None, "b"), (float("nan"), "c"), (4.0, "d"))]
-    block = E.summarize(infos)
+    block = summarize(infos)
     assert block["means"]["mdl_mean"] == 3.0 and block["means"]["mdl_n"] == 2
     assert block["stderrs"]["mdl_stderr"] == pytest.approx(np.std([2.0, 4.0], ddof=1) / math.sqrt(2))
     assert "note_mean" not in block["means"] and block["final_info_dict"]["note"] == ["a", "b", "c", "d"]
@@ -233,19 +235,19 @@ def test_plot_survives_runs_an_agent_changed(tiny_run, tmp_path):
 
 def test_notes_block_is_replaced_and_every_other_byte_kept(tmp_path):
     path = str(tmp_path / "notes.txt")
-    plot.update_notes(path, f"{plot.NOTES_BEGIN}\none\n{plot.NOTES_END}\n")  # created
-    assert open(path).read() == f"{plot.NOTES_BEGIN}\none\n{plot.NOTES_END}\n"
+    R.update_notes(path, f"{R.NOTES_BEGIN}\none\n{R.NOTES_END}\n")  # created
+    assert open(path).read() == f"{R.NOTES_BEGIN}\none\n{R.NOTES_END}\n"
     before, after = "# Title: x\r\nmine, no newline at the end", "\n## Run 2: mine too\n"
     with open(path, "w", newline="") as f:
         f.write(before)
-    plot.update_notes(path, f"{plot.NOTES_BEGIN}\ntwo\n{plot.NOTES_END}\n")  # appended
+    R.update_notes(path, f"{R.NOTES_BEGIN}\ntwo\n{R.NOTES_END}\n")  # appended
     text = open(path, newline="").read()
-    assert text.startswith(before) and text.endswith(f"{plot.NOTES_BEGIN}\ntwo\n{plot.NOTES_END}\n")
+    assert text.startswith(before) and text.endswith(f"{R.NOTES_BEGIN}\ntwo\n{R.NOTES_END}\n")
     with open(path, "a", newline="") as f:
         f.write(after)
-    plot.update_notes(path, f"{plot.NOTES_BEGIN}\nthree\n{plot.NOTES_END}\n")  # replaced in place
+    R.update_notes(path, f"{R.NOTES_BEGIN}\nthree\n{R.NOTES_END}\n")  # replaced in place
     text = open(path, newline="").read()
-    assert text == before + "\n\n" + f"{plot.NOTES_BEGIN}\nthree\n{plot.NOTES_END}\n" + after
+    assert text == before + "\n\n" + f"{R.NOTES_BEGIN}\nthree\n{R.NOTES_END}\n" + after
     assert not [n for n in os.listdir(tmp_path) if ".partial" in n]
 
 
@@ -268,10 +270,10 @@ def test_findings_block_fits_a_prompt_for_six_runs_of_four_ops():
                     for s in range(0, 6001, 100)]
             by_op.setdefault(op, {})[run] = pairs
             rows_by[(run, op)] = rows
-            leadlag += plot.leadlag_rows(pairs, rows)[0]
+            leadlag += A.leadlag_rows(pairs, rows)[0]
             figures += [(f"pca_{run}_{op}_{layer}.png", "") for layer in ("first", "last")]
-    block = plot.findings_block(by_op, {f"run_{r}": f"run_{r}" for r in range(6)}, rows_by, leadlag, figures)
-    assert len(block) <= plot.NOTES_LIMIT and block.count("\n[") == 24
+    block = R.findings_block(by_op, {f"run_{r}": f"run_{r}" for r in range(6)}, rows_by, leadlag, figures)
+    assert len(block) <= R.NOTES_LIMIT and block.count("\n[") == 24
     assert "analysis_summary.md" in block and "pca_{run}_{op}_{layer}.png" in block
     assert "Leads val acc in all 3 grokked seeds: silhouette" in block
 

@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import experiment as E
+from lab import measures as M
+from lab import ops
+from lab.plugins import ProgressMeasures
+from lab.runner import load_model
 from conftest import TINY, read_json, run_script
 
 
@@ -27,9 +31,9 @@ def test_silhouette_davies_bouldin_calinski_harabasz_match_sklearn():
         y[:3] = 12  # uneven classes
         y[-1] = 13  # and a lone member, which scores 0
         xn, yn = x.double().numpy(), y.numpy()
-        assert E.silhouette(x, y) == pytest.approx(silhouette_score(xn, yn), abs=1e-5)
-        assert E.davies_bouldin(x, y) == pytest.approx(davies_bouldin_score(xn, yn), rel=1e-5)
-        assert E.scatter_metrics(x, y)["calinski_harabasz"] == pytest.approx(calinski_harabasz_score(xn, yn), rel=1e-5)
+        assert M.silhouette(x, y) == pytest.approx(silhouette_score(xn, yn), abs=1e-5)
+        assert M.davies_bouldin(x, y) == pytest.approx(davies_bouldin_score(xn, yn), rel=1e-5)
+        assert M.scatter_metrics(x, y)["calinski_harabasz"] == pytest.approx(calinski_harabasz_score(xn, yn), rel=1e-5)
 
 
 def test_knn_and_nearest_centroid_accuracy_match_sklearn():
@@ -37,8 +41,8 @@ def test_knn_and_nearest_centroid_accuracy_match_sklearn():
 
     x, y = clustered(spread=2.5)
     is_train = torch.rand(len(y), generator=torch.Generator().manual_seed(1)) < 0.5
-    samples = E.metric_samples(is_train, 0, knn_queries=10_000)  # every val row
-    found = {(m, s): v for m, s, v in E.representation_metrics(x, y, is_train, samples)}
+    samples = M.metric_samples(is_train, 0, knn_queries=10_000)  # every val row
+    found = {(m, s): v for m, s, v in M.representation_metrics(x, y, is_train, samples)}
     xt, yt, xv, yv = x[is_train].numpy(), y[is_train].numpy(), x[~is_train].numpy(), y[~is_train].numpy()
     knn = KNeighborsClassifier(n_neighbors=5, algorithm="brute").fit(xt, yt)
     assert found[("knn_acc", "val")] == pytest.approx((knn.predict(xv) == yv).mean())
@@ -49,36 +53,36 @@ def test_knn_and_nearest_centroid_accuracy_match_sklearn():
 def test_nc1_within_class_variance_and_participation_ratio_on_known_geometry():
     tight, y = clustered(spread=0.01)
     loose, _ = clustered(spread=3.0)
-    assert E.scatter_metrics(tight, y)["nc1"] < 1e-3 < E.scatter_metrics(loose, y)["nc1"]
-    assert E.within_class_var(tight, y) < 1e-4 < 0.2 < E.within_class_var(loose, y) < 1
+    assert M.scatter_metrics(tight, y)["nc1"] < 1e-3 < M.scatter_metrics(loose, y)["nc1"]
+    assert M.within_class_var(tight, y) < 1e-4 < 0.2 < M.within_class_var(loose, y) < 1
     g = torch.Generator().manual_seed(0)
-    assert E.within_class_var(torch.randn(2000, 8, generator=g), torch.randint(0, 4, (2000,), generator=g)) > 0.98
-    assert E.participation_ratio(torch.randn(4000, 10, generator=g)) == pytest.approx(10, rel=0.1)
+    assert M.within_class_var(torch.randn(2000, 8, generator=g), torch.randint(0, 4, (2000,), generator=g)) > 0.98
+    assert M.participation_ratio(torch.randn(4000, 10, generator=g)) == pytest.approx(10, rel=0.1)
     line = torch.outer(torch.randn(500, generator=g), torch.randn(10, generator=g))
-    assert E.participation_ratio(line + 1e-6 * torch.randn(500, 10, generator=g)) < 1.1
+    assert M.participation_ratio(line + 1e-6 * torch.randn(500, 10, generator=g)) < 1.1
 
 
 def test_primitive_root_and_cyclic_coordinates_put_every_cyclic_op_on_a_group():
-    assert E.primitive_root(97) == 5 and E.primitive_root(11) == 2 and E.primitive_root(7) == 3
+    assert ops.primitive_root(97) == 5 and ops.primitive_root(11) == 2 and ops.primitive_root(7) == 3
     for op, m in (("x_plus_y", 11), ("x_minus_y", 11), ("x_div_y", 10)):
         task = E.make_task(op, 11)
-        rows, i, j, size, sign, residues = E.cyclic_coordinates(task, 11)
+        rows, i, j, size, sign, residues = ops.cyclic_coordinates(task, E.OPS[op])
         assert size == m and len(rows) == m * m
         assert torch.equal(residues[(i + sign * j) % m], task.y[rows])  # the answer is i + sign * j on Z_m
-    assert E.cyclic_coordinates(E.make_task("permutation", perm_k=3), 11) is None
+    assert ops.cyclic_coordinates(E.make_task("permutation", perm_k=3), E.OPS["permutation"]) is None
 
 
 def fourier_logits(op, p, freqs, scale=4.0):
     """Logits of a model that is the Fourier algorithm: sum_k scale * cos(w_k (i + sign j - t(c)))."""
     task = E.make_task(op, p)
-    rows, i, j, m, sign, residues = E.cyclic_coordinates(task, p)
+    rows, i, j, m, sign, residues = ops.cyclic_coordinates(task, E.OPS[op])
     coordinate = torch.full((p,), -1)
     coordinate[residues] = torch.arange(m)
     logits = torch.full((len(rows), p), -30.0)  # class 0 of x_div_y has no logarithm: never the answer here
     for c in range(p):
         if coordinate[c] >= 0:
             logits[:, c] = sum(scale * torch.cos(2 * math.pi * k * (i + sign * j - coordinate[c]) / m) for k in freqs)
-    return task, rows, E.FourierBasis(i, j, m, sign), logits
+    return task, rows, M.FourierBasis(i, j, m, sign), logits
 
 
 @pytest.mark.parametrize("op", ["x_plus_y", "x_minus_y", "x_div_y"])
@@ -87,7 +91,7 @@ def test_restricted_and_excluded_loss_of_a_model_that_is_the_fourier_algorithm(o
     task, rows, basis, logits = fourier_logits(op, p, freqs=(2, 5, 7))
     y = task.y[rows]
     is_train = torch.rand(len(rows), generator=torch.Generator().manual_seed(0)) < 0.5
-    found = E.fourier_progress(logits, y, is_train, basis, k=3)
+    found = M.fourier_progress(logits, y, is_train, basis, 3, E.LOSSES["cross_entropy"])
     full = F.cross_entropy(logits, y).item()
     assert sorted(found["key_freqs"]) == [2, 5, 7]
     assert found["logit_key_frac"] == pytest.approx(1.0, abs=1e-4)
@@ -96,14 +100,14 @@ def test_restricted_and_excluded_loss_of_a_model_that_is_the_fourier_algorithm(o
     # A model that memorised (random logits, the answer boosted on the training pairs only) is not Fourier.
     memorised = torch.randn(len(rows), p, generator=torch.Generator().manual_seed(1))
     memorised[is_train, y[is_train]] += 10
-    found = E.fourier_progress(memorised, y, is_train, basis, k=3)
+    found = M.fourier_progress(memorised, y, is_train, basis, 3, E.LOSSES["cross_entropy"])
     assert found["logit_key_frac"] < 0.3 and found["restricted_loss"] > 1.0  # 3 of 11 frequencies explain little
     assert found["excluded_loss"] < 0.1  # removing them leaves the memorised answers in place
 
 
 def test_measurement_schedule_is_dense_until_past_grokking_then_sparse():
     cfg = E.Config(steps=5000, measure_every=100, measure_sparse_every=500, measure_dense_after=1000)
-    plugin = E.ProgressMeasures()
+    plugin = ProgressMeasures()
     plugin.grok_step, plugin.memorised = None, False
     assert [s for s in range(10, 5001, 10) if plugin.due(cfg, s)] == list(range(500, 5001, 500))  # not memorised
     plugin.memorised = True
@@ -133,7 +137,7 @@ def test_measures_log_every_measure_and_do_not_change_training(tiny_run, tmp_pat
 
 
 def test_load_model_rebuilds_the_final_model_offline(tiny_run):
-    model = E.load_model(str(tiny_run), "x_plus_y", 1)
+    model = load_model(E, str(tiny_run), "x_plus_y", 1)
     task = E.make_task("x_plus_y", 11)
     _, val_idx = E.split_pairs(len(task.y), 0.5, 1)
     with torch.no_grad():

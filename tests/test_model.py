@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 
 import experiment as E
+from conftest import make_run
+from lab.plugins import count_forward_hooks, forward_hooks
 
 
 @pytest.mark.parametrize("op", ["x_plus_y", "permutation"])
@@ -42,22 +44,22 @@ def test_forward_hooks_are_removed_even_when_forward_raises():
     task = E.make_task("x_plus_y", p=7)
     model = E.Transformer(task.n_vocab, task.n_classes, d_model=16)
     seen = []
-    with E.forward_hooks(model, {"blocks.0": lambda *a: seen.append(a[0]), "blocks.1": lambda *a: seen.append(a[0])}):
-        assert E.count_forward_hooks(model) == 2
+    with forward_hooks(model, {"blocks.0": lambda *a: seen.append(a[0]), "blocks.1": lambda *a: seen.append(a[0])}):
+        assert count_forward_hooks(model) == 2
         model(task.x)
-    assert seen == ["blocks.0", "blocks.1"] and E.count_forward_hooks(model) == 0
+    assert seen == ["blocks.0", "blocks.1"] and count_forward_hooks(model) == 0
 
     def boom(*args):
         raise RuntimeError("hook failed")
 
     with pytest.raises(RuntimeError):
-        with E.forward_hooks(model, {"blocks.1": boom}):
+        with forward_hooks(model, {"blocks.1": boom}):
             model(task.x)
-    assert E.count_forward_hooks(model) == 0
+    assert count_forward_hooks(model) == 0
     with pytest.raises(AttributeError):
-        with E.forward_hooks(model, {"blocks.0": boom, "no.such.module": boom}):
+        with forward_hooks(model, {"blocks.0": boom, "no.such.module": boom}):
             pass
-    assert E.count_forward_hooks(model) == 0
+    assert count_forward_hooks(model) == 0
 
 
 @pytest.mark.parametrize("model_name", ["transformer", "gpt2"])
@@ -68,7 +70,7 @@ def test_capture_returns_answer_position_of_each_block_and_leaves_no_hook(model_
     model.train()
     names = list(model.capture_modules.values())
     train_idx, val_idx = E.split_pairs(len(task.y), 0.5, 0)
-    run = E.Run(cfg, "x_plus_y", 0, "", task, train_idx, val_idx, model, None, torch.device("cpu"))
+    run = make_run(cfg, "x_plus_y", task, train_idx, val_idx, model)
     outputs = run.all_outputs()
     assert run.all_outputs() is outputs  # once per step
     acts, logits = {name: outputs[name] for name in names}, outputs["logits"]
@@ -76,7 +78,7 @@ def test_capture_returns_answer_position_of_each_block_and_leaves_no_hook(model_
     assert set(acts) == set(names)
     for t in acts.values():
         assert t.shape == (len(task.y), 32) and not t.requires_grad
-    assert E.count_forward_hooks(model) == 0 and model.training
+    assert count_forward_hooks(model) == 0 and model.training
     # The last block's output at the answer position is what the head reads.
     with torch.no_grad():
         last = acts[model.capture_modules["last"]]

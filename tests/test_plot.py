@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from lab import analysis as A
+from lab import report as R
 import plot
 from conftest import run_script
 
@@ -33,7 +35,7 @@ def test_writes_curves_pictures_table_and_summary(plotted):
                 assert (cwd / f"{kind}_run_0_{op}_{layer}.png").exists()
     rows = list(csv.DictReader(open(cwd / "metrics.csv")))
     assert list(rows[0]) == ["run", "op", "seed", "layer", "step", "phase", "split", "metric", "value"]
-    expected_splits = sum(len(s) for s in plot.METRIC_SPLITS.values())
+    expected_splits = sum(len(s) for s in A.METRIC_SPLITS.values())
     keys = {(r["op"], r["seed"], r["layer"], r["step"], r["split"], r["metric"]) for r in rows}
     assert len(keys) == len(rows)
     for op in OPS:
@@ -44,7 +46,7 @@ def test_writes_curves_pictures_table_and_summary(plotted):
                 for step in steps:
                     found = [r for r in rows if (r["op"], r["seed"], r["layer"], r["step"]) == (op, seed, layer, step)]
                     assert len(found) == expected_splits
-    assert {r["metric"] for r in rows if r["layer"] in ("first", "last")} == set(plot.METRIC_SPLITS)
+    assert {r["metric"] for r in rows if r["layer"] in ("first", "last")} == set(A.METRIC_SPLITS)
     model_level = {(r["op"], r["metric"]) for r in rows if r["layer"] in ("model", "embedding")}
     assert {m for op, m in model_level if op == "x_plus_y"} == {
         "param_norm", "logit_norm", "softmax_collapse", "restricted_loss", "excluded_loss", "logit_key_frac",
@@ -108,7 +110,7 @@ def test_run_in_progress_is_analysed(tiny_run, tmp_path):
     shutil.copytree(tiny_run, tmp_path / "run_live")
     os.remove(tmp_path / "run_live" / "final_info.json")
     os.remove(tmp_path / "run_live" / "final_info_permutation_1.json")
-    pairs = plot.load_run(str(tmp_path / "run_live"), "run_live")
+    pairs = A.load_run(str(tmp_path / "run_live"), "run_live")
     assert len(pairs) == 4 and [p.final is None for p in pairs].count(True) == 1
     run_script("plot.py", ["--no_tsne"], tmp_path)
     assert (tmp_path / "metrics.csv").exists()
@@ -119,20 +121,21 @@ def test_phases_follow_the_definitions():
            [(100, 0.5, 0.0), (200, 1.0, 0.01), (300, 1.0, 0.05), (400, 1.0, 0.3), (500, 1.0, 0.6), (600, 1.0, 1.0)]]
     snaps = [{"step": s, "val_acc": v, "path": ""} for s, v in [(0, float("nan")), (150, 0.0), (300, 0.05),
                                                                  (450, 0.45), (500, 0.6), (700, 1.0)]]
-    pair = plot.Pair("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": True}, snaps)
+    pair = A.Pair("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": True}, snaps)
     assert pair.memorisation_step == 200 and pair.grok_step == 600
-    chosen = [s["step"] for _, s in plot.phase_snapshots(pair)]
+    chosen = [s["step"] for _, s in A.phase_snapshots(pair)]
     assert chosen == [300, 450, 700]
-    assert [plot.phase_of(v) for v in (float("nan"), 0.09, 0.1, 0.98, 0.99)] == \
+    assert [A.phase_of(v) for v in (float("nan"), 0.09, 0.1, 0.98, 0.99)] == \
         ["before", "before", "during", "during", "after"]
-    never = plot.Pair("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": False}, snaps)
+    never = A.Pair("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": False}, snaps)
     assert never.grok_step is None
-    assert [label for label, _ in plot.phase_snapshots(never)] == ["step 0", "middle", "final, never grokked"]
+    assert [label for label, _ in A.phase_snapshots(never)] == ["step 0", "middle", "final, never grokked"]
 
 
 def test_worker_processes_use_one_thread_in_every_library():
     """Two workers on two cores: a library left at 2 threads oversubscribes and spins (3x slower)."""
-    code = ("import json, plot; plot._limit_threads(); from threadpoolctl import threadpool_info; "
+    code = ("import json; from lab import report; report._limit_threads(); "
+            "from threadpoolctl import threadpool_info; "
             "print(json.dumps([(i['internal_api'], i['num_threads']) for i in threadpool_info()]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=plot.os.path.dirname(plot.__file__),
                          env={**os.environ, "OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "4"},
@@ -145,13 +148,13 @@ def test_worker_processes_use_one_thread_in_every_library():
 def test_grokking_step_summary_never_invents_a_stderr():
     def pair(seed, step):
         final = {"step_val_acc_99": step if step else 7500, "grokked": step is not None}
-        return plot.Pair("run_0", "x_plus_y", seed, "", [], final)
+        return A.Pair("run_0", "x_plus_y", seed, "", [], final)
 
-    assert plot.describe_grokking([pair(0, 3070), pair(1, None), pair(2, None)]) == "3070 (1/3 seeds grokked)"
-    assert plot.describe_grokking([pair(0, None), pair(1, None)]) == "never grokked (0/2 seeds)"
+    assert A.describe_grokking([pair(0, 3070), pair(1, None), pair(2, None)]) == "3070 (1/3 seeds grokked)"
+    assert A.describe_grokking([pair(0, None), pair(1, None)]) == "never grokked (0/2 seeds)"
     # 2000 and 3000: mean 2500, std (ddof=1) 707.1, stderr 707.1 / sqrt(2) = 500
-    assert plot.describe_grokking([pair(0, 2000), pair(1, 3000), pair(2, None)]) == "2500 ± 500 (2/3 seeds grokked)"
-    assert plot.format_mean_stderr([0.25], ".3g", ".2g") == "0.25 (n=1)"
+    assert A.describe_grokking([pair(0, 2000), pair(1, 3000), pair(2, None)]) == "2500 ± 500 (2/3 seeds grokked)"
+    assert A.format_mean_stderr([0.25], ".3g", ".2g") == "0.25 (n=1)"
 
 
 def test_editing_plot_py_redraws_and_editing_a_metric_recomputes(plotted, tmp_path):
@@ -163,6 +166,8 @@ def test_editing_plot_py_redraws_and_editing_a_metric_recomputes(plotted, tmp_pa
         stale.unlink()
     experiment_source = open(os.path.join(os.path.dirname(plot.__file__), "experiment.py")).read()
     (work / "experiment.py").write_text(experiment_source)
+    shutil.copytree(os.path.join(os.path.dirname(plot.__file__), "lab"), work / "lab")
+    measures_source = (work / "lab" / "measures.py").read_text()
     source = open(plot.__file__).read()
     edited = work / "plot_edited.py"
 
@@ -181,9 +186,9 @@ def test_editing_plot_py_redraws_and_editing_a_metric_recomputes(plotted, tmp_pa
     after_figure_edit = mtimes()
     assert all(after_figure_edit[n] != before[n] for n in before if n.endswith(".png"))
     assert all(after_figure_edit[n] == before[n] for n in before if n.startswith("cache/"))
-    edit = "silhouette_rows: int = 500"  # a metric's code lives in experiment.py, shared with training
-    assert experiment_source.count(edit) == 1
-    (work / "experiment.py").write_text(experiment_source.replace(edit, "silhouette_rows: int = 450"))
+    edit = "silhouette_rows: int = 500"  # a metric's code lives in lab/measures.py, shared with training
+    assert measures_source.count(edit) == 1
+    (work / "lab" / "measures.py").write_text(measures_source.replace(edit, "silhouette_rows: int = 450"))
     run_edited(source)
     after_metric_edit = mtimes()
     assert all(after_metric_edit[n] != after_figure_edit[n] for n in before if n.startswith("cache/"))
@@ -197,40 +202,40 @@ def spiky_pair(seed, ends_in_spike):
     for r in log:
         r["train_loss"], r["val_loss"] = 1.01 - r["train_acc"], 1.01 - r["val_acc"]
     final = {"step_val_acc_99": 300, "grokked": True, "final_val_acc": log[-1]["val_acc"]}
-    snaps = [{"step": s, "val_acc": plot.val_acc_at(log, s), "path": ""} for s in (0, 250, 500, 1000)]
-    return plot.Pair("r", "x_plus_y", seed, "", log, final, snaps)
+    snaps = [{"step": s, "val_acc": A.val_acc_at(log, s), "path": ""} for s in (0, 250, 500, 1000)]
+    return A.Pair("r", "x_plus_y", seed, "", log, final, snaps)
 
 
 def test_spikes_after_grokking_are_counted_and_an_end_inside_one_is_said():
     steady, spiky = spiky_pair(0, ends_in_spike=False), spiky_pair(1, ends_in_spike=True)
-    spikes = plot.spikes_after_grokking(spiky)
+    spikes = A.spikes_after_grokking(spiky)
     assert [(s["from_step"], s["start"], s["end"]) for s in spikes] == [(390, 400, 410), (690, 700, 700), (990, 1000, 1000)]
     assert spikes[0]["min_train_acc"] == 0.5 and spikes[0]["min_val_acc"] == 0.3
-    state = plot.end_state(spiky)
+    state = A.end_state(spiky)
     assert state["ends_in_spike"] and state["final_val_acc"] == 0.49 and state["tail_val_acc"] == 1.0
-    assert not plot.end_state(steady)["ends_in_spike"] and len(plot.spikes_after_grokking(steady)) == 2
-    text = " ".join(plot.describe_spikes([steady, spiky]))
+    assert not A.end_state(steady)["ends_in_spike"] and len(A.spikes_after_grokking(steady)) == 2
+    text = " ".join(A.describe_spikes([steady, spiky]))
     assert "5 in 2 of 2 grokked seeds" in text and "seed 0: 2, seed 1: 3" in text
     assert "Seed 1 ends in a spike: val acc 0.49 at the last step, 1.00 (median) over the last 10% of steps." in text
     assert "Seed 0 ends" not in text
-    flat = plot.Pair("r", "x_plus_y", 2, "", [{"step": s, "train_acc": 1.0, "val_acc": 1.0} for s in (10, 20)],
+    flat = A.Pair("r", "x_plus_y", 2, "", [{"step": s, "train_acc": 1.0, "val_acc": 1.0} for s in (10, 20)],
                      {"step_val_acc_99": 10, "grokked": True})
-    assert plot.describe_spikes([flat]) == ["No spike after grokking in the 1 grokked seed(s)."]
-    assert plot.describe_spikes([flat], say_none=False) == []
+    assert A.describe_spikes([flat]) == ["No spike after grokking in the 1 grokked seed(s)."]
+    assert A.describe_spikes([flat], say_none=False) == []
     # the "after" pictures show the last snapshot after grokking, not one inside the final spike
-    labels = plot.phase_snapshots(spiky)
+    labels = A.phase_snapshots(spiky)
     assert labels[2][1]["step"] == 500 and labels[2][0].startswith("after (final snapshot: val acc 0.49")
-    assert plot.phase_snapshots(steady)[2] == ("after", steady.snapshots[-1])
+    assert A.phase_snapshots(steady)[2] == ("after", steady.snapshots[-1])
 
 
 def test_spikes_reach_the_summary_the_notes_block_and_spikes_csv(tmp_path):
     pairs = [spiky_pair(0, False), spiky_pair(1, True)]
-    plot.write_spikes(pairs, str(tmp_path))
+    R.write_spikes(pairs, str(tmp_path))
     rows = list(csv.DictReader(open(tmp_path / "spikes.csv")))
     assert [(r["seed"], r["spikes"], r["spike_steps"], r["ends_in_spike"]) for r in rows] == \
         [("0", "2", "400;700", "False"), ("1", "3", "400;700;1000", "True")]
-    summary = "\n".join(plot.run_op_markdown("r", "x_plus_y", pairs, {"r": "r"}, {}, [], {}))
-    block = plot.findings_block({"x_plus_y": {"r": pairs}}, {"r": "r"}, {}, [], [])
+    summary = "\n".join(R.run_op_markdown("r", "x_plus_y", pairs, {"r": "r"}, {}, [], {}))
+    block = R.findings_block({"x_plus_y": {"r": pairs}}, {"r": "r"}, {}, [], [])
     for text in (summary, block):
         assert "Seed 1 ends in a spike: val acc 0.49" in text and "5 in 2 of 2 grokked seeds" in text
     figures = plot.plot_curves({"x_plus_y": {"r": pairs}}, {"r": "r"}, str(tmp_path))

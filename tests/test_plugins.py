@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import experiment as E
-from conftest import ROOT, TINY, read_json, run_script
+from lab import measures as M
+from lab.plugins import Norms
+from conftest import ROOT, TINY, make_run, read_json, run_script
 
 SMALL = ["--ops=x_plus_y,permutation", "--seeds=1", "--steps=40", "--capture_every=20", "--p=11", "--perm_k=3",
          "--batch_size=64", "--d_model=32", "--workers=1"]
@@ -30,7 +32,7 @@ def test_grokfast_with_zero_lambda_is_the_baseline_and_otherwise_is_not(tiny_run
 def test_grokfast_adds_lambda_times_the_gradient_ema():
     model = torch.nn.Linear(3, 1, bias=False)
     cfg = E.Config(grokfast_alpha=0.5, grokfast_lamb=2.0)
-    run = E.Run(cfg, "x_plus_y", 0, "", None, None, None, model, None, "cpu")
+    run = make_run(cfg, "x_plus_y", None, None, None, model)
     plugin = E.Grokfast()
     plugin.on_train_begin(run)
     g1, g2 = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 0.0, -1.0]])
@@ -54,16 +56,16 @@ def test_norms_are_logged_and_correct(tmp_path):
         model.head.weight.zero_()
         model.head.bias.copy_(torch.tensor([200.0, 0, 0, 0, 0]))
     train_idx = torch.nonzero(task.y == 0).flatten()
-    run = E.Run(E.Config(), "x_plus_y", 0, "", task, train_idx, train_idx, model, None, "cpu")
+    run = make_run(E.Config(), "x_plus_y", task, train_idx, train_idx, model)
     metrics = {}
-    E.Norms().on_eval(run, 10, metrics)
+    Norms().on_eval(run, 10, metrics)
     expected = math.sqrt(sum(p.pow(2).sum().item() for p in model.parameters()))
     assert metrics["param_norm"] == pytest.approx(expected, rel=1e-5)
     assert metrics["logit_norm"] == pytest.approx(200.0)
     assert metrics["softmax_collapse"] == 1.0  # exp(-200) underflows: p(true class) is exactly 1.0 in float32
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([2.0, 0, 0, 0, 0]))
-    E.Norms().on_eval(run, 10, metrics)
+    Norms().on_eval(run, 10, metrics)
     assert metrics["softmax_collapse"] == 0.0
 
 
@@ -74,12 +76,12 @@ def test_fourier_finds_known_frequencies():
     for k, amplitude in [(3, 1.0), (17, 2.0), (40, 0.5)]:
         columns += [amplitude * torch.cos(2 * math.pi * k * i / p), amplitude * torch.sin(2 * math.pi * k * i / p)]
     embedding = torch.stack(columns, 1) + 5.0  # a constant offset must not count as a frequency
-    frac, freqs = E.fourier_sparsity(E.fourier_spectrum(embedding), 3)
+    frac, freqs = M.fourier_sparsity(M.fourier_spectrum(embedding), 3)
     assert freqs == [17, 3, 40]
     assert frac == pytest.approx(1.0)
-    assert E.fourier_sparsity(E.fourier_spectrum(embedding), 2)[0] == pytest.approx((4 + 1) / (4 + 1 + 0.25))
+    assert M.fourier_sparsity(M.fourier_spectrum(embedding), 2)[0] == pytest.approx((4 + 1) / (4 + 1 + 0.25))
     noise = torch.randn(p, 128, generator=torch.Generator().manual_seed(0))
-    assert E.fourier_sparsity(E.fourier_spectrum(noise), 5)[0] < 0.3
+    assert M.fourier_sparsity(M.fourier_spectrum(noise), 5)[0] < 0.3
 
 
 def test_rqi_of_a_ring_is_one_and_of_random_vectors_near_zero():
@@ -87,9 +89,9 @@ def test_rqi_of_a_ring_is_one_and_of_random_vectors_near_zero():
     i = torch.arange(p, dtype=torch.float64)
     ring = torch.stack([torch.cos(2 * math.pi * 7 * i / p), torch.sin(2 * math.pi * 7 * i / p)], 1)
     rotation = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)).double())[0][:2]
-    assert E.representation_quality(ring @ rotation * 3 + 1, tol=0.1) > 0.99
+    assert M.representation_quality(ring @ rotation * 3 + 1, tol=0.1) > 0.99
     noise = torch.randn(p, 64, generator=torch.Generator().manual_seed(1))
-    assert E.representation_quality(noise, tol=0.1) < 0.1
+    assert M.representation_quality(noise, tol=0.1) < 0.1
 
 
 def test_fourier_and_rqi_plugins_write_per_capture_rows_and_skip_other_ops(tmp_path):

@@ -15,7 +15,7 @@ import statistics
 
 import pytest
 
-import plot
+from lab import analysis as A
 from conftest import read_json, run_script
 
 STEPS, WINDOW_START = 2000, 1500
@@ -60,17 +60,17 @@ def test_validation_accuracy_goes_from_chance_to_above_095(grokked_run):
 
 
 def test_last_layer_classes_tighten_after_grokking(grokked_run):
-    pairs = plot.load_run(str(grokked_run / "run_grok"), "run_grok")
+    pairs = A.load_run(str(grokked_run / "run_grok"), "run_grok")
     rows = [{**r, "seed": int(r["seed"]), "step": int(r["step"]), "value": float(r["value"])}
             for r in csv.DictReader(open(grokked_run / "metrics.csv"))]
     for pair in pairs:
-        (_, before), _, (label, after) = plot.phase_snapshots(pair)
-        assert plot.phase_of(before["val_acc"]) == "before"
-        assert label.startswith("after") and plot.phase_of(after["val_acc"]) == "after"
+        (_, before), _, (label, after) = A.phase_snapshots(pair)
+        assert A.phase_of(before["val_acc"]) == "before"
+        assert label.startswith("after") and A.phase_of(after["val_acc"]) == "after"
         mine = [r for r in rows if r["seed"] == pair.seed]
 
         def value(metric, layer="last", split="val"):  # at the 'before' snapshot, and the median over the window
-            at_before = plot.phase_values([pair], mine, layer, metric, split)["before"][0]
+            at_before = A.phase_values([pair], mine, layer, metric, split)["before"][0]
             window = [r["value"] for r in in_window(mine)
                       if (r["layer"], r["metric"], r["split"]) == (layer, metric, split)]
             assert len(window) >= 3
@@ -110,7 +110,7 @@ def test_spikes_after_grokking_are_reported_per_seed(grokked_run):
     for r in rows:
         log = read_rows(grokked_run / "run_grok" / f"x_plus_y_{r['seed']}" / "log.jsonl")
         after = [x for x in log if x["step"] > int(r["grok_step"])]
-        low = [x["step"] for x in after if min(x["train_acc"], x["val_acc"]) < plot.SPIKE_BELOW]
+        low = [x["step"] for x in after if min(x["train_acc"], x["val_acc"]) < A.SPIKE_BELOW]
         assert int(r["spikes"]) <= len(low) and (int(r["spikes"]) > 0) == bool(low)
         assert (r["ends_in_spike"] == "True") == (log[-1]["step"] in low)
         if r["ends_in_spike"] == "True":
