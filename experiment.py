@@ -31,12 +31,12 @@ if __name__ in ("__main__", "__mp_main__"):  # plugin files `import experiment`:
     sys.modules.setdefault("experiment", sys.modules[__name__])
 
 from lab import runner  # noqa: E402
-from lab.files import write_json, write_jsonl  # noqa: E402
+from lab.files import write_jsonl  # noqa: E402
 from lab.ops import Op, Task, additive, build_task, compose, inverses, modular, multiplicative  # noqa: E402
 from lab.ops import permutation_group  # noqa: E402
 from lab.plugins import (RESEARCH_PLUGINS, Plugin, PluginError, PluginHooks, Run, UsageError,  # noqa: E402, F401
                          check_model, forward_hooks, load_plugin_file)
-from lab.schema import EXAMPLES, GROKKED_ABOVE, LOG, MODEL, RUN, Job, final_info_file, job_dir  # noqa: E402
+from lab.schema import EXAMPLES, GROKKED_ABOVE, LOG, Job, job_dir  # noqa: E402
 
 # The plugins every run gets, in order: names in PLUGINS (capture, measures, norms, fourier, rqi: lab/plugins.py;
 # grokfast, xavier_init, layer_lr, swap_operands, step_val_acc_95: below) or paths to .py files. capture saves
@@ -552,14 +552,7 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
         "grokked": step_val_acc_99 is not None,
     }
     hooks.on_train_end(run, final_info)
-    write_jsonl(log_path, run.history)
-    runner.save_model(model, os.path.join(out_dir, MODEL))
-    record = {"op": job.op, "seed": job.seed, **({"overrides": job.overrides} if job.overrides else {}), **seeds,
-              "final_info": final_info, "train_seconds": time.perf_counter() - start, "plugin_seconds": run.timings,
-              "device": str(device), "threads": torch.get_num_threads(), "log": run.history}
-    write_json(os.path.join(out_dir, RUN), {k: v for k, v in record.items() if k != "log"})
-    write_json(final_info_file(cfg.out_dir, job), final_info)  # written last: marks the job finished
-    return record
+    return runner.write_job(cfg, job, run, final_info, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from lab.cli import RUNTIME_FIELDS, config_dict, config_from_dict, parse_args
-from lab.files import atomic_write, read_json, remove_partials, write_json
+from lab.files import atomic_write, read_json, remove_partials, write_json, write_jsonl
 from lab.plugins import PluginError, UsageError
-from lab.schema import CONFIG, FINAL_INFO, LOG, MODEL, Job, final_info_file, job_dir
+from lab.schema import CONFIG, FINAL_INFO, LOG, MODEL, RUN, Job, final_info_file, job_dir
 
 
 class WorkerError(Exception):
@@ -68,6 +68,20 @@ def save_model(model, path: str) -> None:
     from safetensors.torch import save_model as save
 
     atomic_write(path, lambda tmp: save(model, tmp))
+
+
+def write_job(cfg, job: Job, run, final_info: dict, train_seconds: float) -> dict:
+    """Every output of a finished job beside what plugins wrote: log.jsonl, model.safetensors, run.json, and last
+    final_info_{job}.json, whose presence marks the job finished. Returns the job's record."""
+    folder = job_dir(cfg.out_dir, job)
+    write_jsonl(os.path.join(folder, LOG), run.history)
+    save_model(run.model, os.path.join(folder, MODEL))
+    record = {"op": job.op, "seed": job.seed, **({"overrides": job.overrides} if job.overrides else {}), **run.seeds,
+              "final_info": final_info, "train_seconds": train_seconds, "plugin_seconds": run.timings,
+              "device": str(run.device), "threads": torch.get_num_threads(), "log": run.history}
+    write_json(os.path.join(folder, RUN), {k: v for k, v in record.items() if k != "log"})
+    write_json(final_info_file(cfg.out_dir, job), final_info)  # written last: marks the job finished
+    return record
 
 
 def load_model(E, run_dir: str, op: str, seed: int, device: str = "cpu"):
