@@ -488,7 +488,7 @@ def check_model(model: nn.Module, task, name: str) -> None:
             logits = model(x)
             embedding = model.token_embedding_matrix()
     except Exception as e:
-        raise broken(f"a forward pass of two pairs failed: {type(e).__name__}: {e}")
+        raise broken(f"a forward pass of two pairs failed: {type(e).__name__}: {e} ({where(e)})")
     finally:
         model.train(training)
         torch.set_rng_state(rng)

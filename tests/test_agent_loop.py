@@ -29,7 +29,8 @@ def agent_copy(folder, plugins=(), edit=None):
     agent makes, since the harness passes no flags) and the given plugins added to DEFAULT_PLUGINS."""
     folder.mkdir(exist_ok=True)
     source = open(os.path.join(ROOT, "experiment.py")).read()
-    for old, new in [('ops: tuple[str, ...] = OPS', 'ops: tuple[str, ...] = ("x_plus_y", "x_minus_y")'),
+    for old, new in [('ops: tuple[str, ...] = ("x_div_y", "x_minus_y", "x_plus_y", "permutation")',
+                      'ops: tuple[str, ...] = ("x_plus_y", "x_minus_y")'),
                      ("    seeds: int = 3  #", "    seeds: int = 2  #"), ("    steps: int = 7500  #", "    steps: int = 60  #"),
                      ("    p: int = 97  #", "    p: int = 11  #"), ("    batch_size: int = 512  #", "    batch_size: int = 64  #"),
                      ("    d_model: int = 128  #", "    d_model: int = 32  #"),
@@ -45,6 +46,8 @@ def agent_copy(folder, plugins=(), edit=None):
         source = source.replace(*edit)
     (folder / "experiment.py").write_text(source)
     shutil.copy(os.path.join(ROOT, "plot.py"), folder / "plot.py")
+    shutil.copytree(os.path.join(ROOT, "lab"), folder / "lab", ignore=shutil.ignore_patterns("__pycache__"),
+                    dirs_exist_ok=True)
     return folder
 
 
