@@ -116,7 +116,7 @@ def test_same_config_gives_identical_results_with_and_without_capture(tiny_run, 
 
 def test_parallel_workers_match_a_sequential_run(tiny_run, tmp_path):
     run_script("experiment.py", ["--out_dir=seq", "--workers=1", *TINY], tmp_path)
-    run_script("experiment.py", ["--out_dir=par", "--workers=2", *TINY], tmp_path)
+    run_script("experiment.py", ["--out_dir=par", *TINY, "--workers=2"], tmp_path)
     assert read_json(tmp_path / "seq" / "final_info.json") == read_json(tmp_path / "par" / "final_info.json")
 
 

@@ -173,7 +173,7 @@ def test_editing_plot_py_redraws_and_editing_a_metric_recomputes(plotted, tmp_pa
 
     def run_edited(text):
         edited.write_text(text)
-        subprocess.run([sys.executable, str(edited)], cwd=work, check=True, capture_output=True)
+        subprocess.run([sys.executable, str(edited), "--no_tsne"], cwd=work, check=True, capture_output=True)
 
     def mtimes():
         cached = {f"cache/{p.name}": p.stat().st_mtime_ns for p in work.glob(".plot_cache/metrics_*.json")}
