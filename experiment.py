@@ -34,7 +34,7 @@ from lab import runner  # noqa: E402
 from lab.files import write_jsonl  # noqa: E402
 from lab.ops import Op, Task, additive, build_task, compose, inverses, modular, multiplicative  # noqa: E402
 from lab.ops import permutation_group  # noqa: E402
-from lab.plugins import (RESEARCH_PLUGINS, Plugin, PluginError, PluginHooks, Run, UsageError,  # noqa: E402, F401
+from lab.plugins import (RESEARCH_PLUGINS, Plugin, PluginError, PluginHooks, Run, UsageError,  # noqa: E402
                          check_model, forward_hooks, load_plugin_file)
 from lab.schema import EXAMPLES, GROKKED_ABOVE, LOG, Job, job_dir  # noqa: E402
 
@@ -91,6 +91,7 @@ class Config:
     threads: int = 0  # torch threads per (op, seed); 0 = 1 on a CPU. Other counts round differently
     overwrite: bool = False  # discard results in out_dir made with another config
     progress: str = "auto"  # auto (a bar on a terminal, plain lines otherwise), bar, lines or none
+
 
 # ----------------------------------------------------------------------------- ops
 # An op is an entry of OPS (lab.ops.Op: its table of pairs and answers, and its cycle if it has one); both
