@@ -3,7 +3,6 @@ from known frequencies, the measurement schedule, and the saved model."""
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
