@@ -350,8 +350,8 @@ class LayerLearningRates(Plugin):
         names = [name for name, _ in run.model.named_parameters()]
         unmatched = [prefix for prefix in self.scales if not any(name.startswith(prefix) for name in names)]
         if unmatched:  # another model names its layers otherwise (gpt2: gpt2.wte, gpt2.h.0, ...)
-            raise ValueError(f"prefixes {unmatched} match no parameter of {type(run.model).__name__} (e.g. {names[0]}); "
-                             "set LayerLearningRates.scales for its names")
+            raise ValueError(f"prefixes {unmatched} match no parameter of {type(run.model).__name__} "
+                             f"(e.g. {names[0]}); set LayerLearningRates.scales for its names")
         groups = {}
         for name, parameter in run.model.named_parameters():
             scale = next((s for prefix, s in self.scales.items() if name.startswith(prefix)), 1.0)

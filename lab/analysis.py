@@ -275,8 +275,8 @@ def snapshot_metrics(x: np.ndarray, y: np.ndarray, is_train: np.ndarray, split_s
 
     is_train = torch.from_numpy(np.asarray(is_train, dtype=bool))
     samples = measures.metric_samples(is_train, split_seed)
-    return measures.representation_metrics(torch.from_numpy(np.asarray(x, dtype=np.float32)),
-                                           torch.from_numpy(np.asarray(y, dtype=np.int64)), is_train, samples)
+    x, y = np.array(x, dtype=np.float32), np.array(y, dtype=np.int64)  # writable copies: pyarrow's are read-only
+    return measures.representation_metrics(torch.from_numpy(x), torch.from_numpy(y), is_train, samples)
 
 
 def split_seed(pair: Pair) -> int:

@@ -209,3 +209,49 @@ def test_registries_and_config_fields_agree():
         assert getattr(cfg, field) in getattr(E, registry), (field, registry)
     assert set(cfg.ops) <= set(E.OPS) and {f.name for f in dataclasses.fields(cfg)} >= set(REGISTRY_FIELDS)
     assert os.path.isdir(os.path.join(ROOT, "lab"))
+
+
+def test_layer_lr_refuses_a_model_whose_names_it_does_not_know():
+    cfg = E.Config(model="gpt2", **SMALL)
+    task = E.make_task("x_plus_y", 11)
+    model = E.build_model(cfg, task)
+    run = type("R", (), {"model": model, "cfg": cfg})()
+    with pytest.raises(ValueError, match="match no parameter of GPT2Classifier"):
+        E.LayerLearningRates().param_groups(run)
+    run.model = E.build_model(E.Config(**SMALL), task)
+    groups = E.LayerLearningRates().param_groups(run)
+    assert sorted(g["lr"] for g in groups) == [5e-4, 1e-3, 2e-3]
+
+
+def test_plot_measures_a_snapshot_as_the_measures_plugin_measured_it(tmp_path):
+    """Same code, same subsamples (the job's split seed), same activations (float32 snapshots): the same numbers."""
+    from lab import analysis
+    from lab.cli import config_dict
+    from lab.files import write_json
+
+    cfg, _ = train(tmp_path, job=Job("x_plus_y", 1), seeds=2, capture_dtype="float32")
+    write_json(tmp_path / "config.json", config_dict(cfg))
+    (pair,) = analysis.load_run(str(tmp_path), "r")  # seed 0 never ran
+    assert pair.seed == 1
+    measured = {r["step"]: r["values"] for r in measures_of(tmp_path, "x_plus_y_1")}
+    y, is_train = analysis.read_examples(pair.folder)
+    snap = next(s for s in pair.snapshots if s["step"] in measured and s["step"] > 0)
+    x = analysis.load_snapshot(snap["path"])[pair.modules["last"]]
+    found = {(m, split): v for m, split, v in analysis.snapshot_metrics(x, y, is_train, analysis.split_seed(pair))}
+    for split, metrics in measured[snap["step"]]["last"].items():
+        for metric, value in metrics.items():
+            assert found[(metric, split)] == pytest.approx(value, rel=1e-4, abs=1e-6), (metric, split)
+
+
+def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
+    from conftest import TINY
+    from lab.files import write_json
+
+    args = ["--out_dir=old", *TINY, "--ops=x_plus_y", "--seeds=1", "--capture=false", "--measure=false"]
+    run_script("experiment.py", args, tmp_path)
+    saved = read_json(tmp_path / "old" / "config.json")
+    write_json(tmp_path / "old" / "config.json", {k: v for k, v in saved.items() if k not in ("loss", "sampler")})
+    again = run_script("experiment.py", args, tmp_path)  # missing fields count as their defaults
+    assert "x_plus_y seed 0: already finished" in again.stderr
+    proc = run_script("experiment.py", [*args, "--sampler=full"], tmp_path, check=False)  # a real change is refused
+    assert proc.returncode == 2 and "differs in sampler" in proc.stderr
