@@ -59,8 +59,8 @@ class Config:
     steps: int = 7500  # optimizer updates
     batch_size: int = 512  # training pairs per update (sampler random; full uses every training pair)
     sampler: str = "random"  # batch sampler (SAMPLERS): random (with replacement, the template's) or full
-    loss: str = "cross_entropy"  # loss (LOSSES), used for training, evaluation and the loss-based measures
-    optimizer: str = "adamw"  # optimizer (OPTIMIZERS)
+    loss: str = "cross_entropy"  # loss (LOSSES): cross_entropy or stablemax; training, evaluation and measures use it
+    optimizer: str = "adamw"  # optimizer (OPTIMIZERS): adamw, adam (L2 weight decay) or perp_adamw (⊥Grad + AdamW)
     schedule: str = "warmup"  # learning-rate schedule (SCHEDULES): warmup (linear, then constant) or constant
     lr: float = 1e-3  # AdamW peak learning rate
     beta1: float = 0.9  # AdamW beta1
@@ -282,7 +282,20 @@ class CrossEntropy:
         return F.cross_entropy(logits, y)
 
 
-LOSSES = {"cross_entropy": CrossEntropy()}
+class StableMax:
+    """StableMax cross-entropy (Prieto et al. 2025): s(x) = x + 1 for x >= 0, 1 / (1 - x) below, in place of exp;
+    probabilities s(x_i) / sum_j s(x_j) and the loss in float64, so that they do not collapse to exactly 1."""
+
+    def probs(self, logits):
+        x = logits.double()
+        s = torch.where(x < 0, 1 / (1 - x.clamp(max=0)), x + 1)  # the clamp keeps the unused branch finite
+        return s / s.sum(-1, keepdim=True)
+
+    def __call__(self, logits, y):
+        return -self.probs(logits).gather(1, y[:, None]).log().mean()
+
+
+LOSSES = {"cross_entropy": CrossEntropy(), "stablemax": StableMax()}
 
 
 def adamw(params, cfg: Config) -> torch.optim.Optimizer:
@@ -290,7 +303,30 @@ def adamw(params, cfg: Config) -> torch.optim.Optimizer:
                              fused=True)
 
 
-OPTIMIZERS = {"adamw": adamw}  # name -> (parameters or groups, cfg) -> optimizer
+@torch.no_grad()
+def orthogonal_gradients(optimizer, args, kwargs):
+    """⊥Grad (Prieto et al. 2025), before each step: every gradient minus its projection on its own weight,
+    rescaled to the gradient's norm, so that no update just scales the weights up."""
+    for group in optimizer.param_groups:
+        for w in group["params"]:
+            if w.grad is not None:
+                g = w.grad
+                orthogonal = g - (w * g).sum() / ((w * w).sum() + 1e-30) * w
+                g.copy_(orthogonal * (g.norm() / (orthogonal.norm() + 1e-30)))
+
+
+def perp_adamw(params, cfg: Config) -> torch.optim.Optimizer:
+    optimizer = adamw(params, cfg)
+    optimizer.register_step_pre_hook(orthogonal_gradients)
+    return optimizer
+
+
+OPTIMIZERS = {  # name -> (parameters or groups, cfg) -> optimizer
+    "adamw": adamw,  # decoupled weight decay
+    "adam": lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                                 weight_decay=cfg.weight_decay),  # weight decay as an L2 gradient
+    "perp_adamw": perp_adamw,
+}
 # name -> cfg -> multiplier of lr at scheduler step s (update s + 1 uses it). The template's: min(s / warmup, 1).
 SCHEDULES = {"warmup": lambda cfg: lambda s: min(s / cfg.warmup_steps, 1.0) if cfg.warmup_steps else 1.0,
              "constant": lambda cfg: lambda s: 1.0}

@@ -1,6 +1,7 @@
 """The seams of experiment.py: each registry (loss, optimizer and schedule, batch sampler, op, model) swapped for a
 toy entry, and the run checked to use it; job keys; hooks that no plugin overrides are no-ops."""
 import dataclasses
+import math
 import json
 import os
 
@@ -255,3 +256,41 @@ def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
     assert "x_plus_y seed 0: already finished" in again.stderr
     proc = run_script("experiment.py", [*args, "--sampler=full"], tmp_path, check=False)  # a real change is refused
     assert proc.returncode == 2 and "differs in sampler" in proc.stderr
+
+
+def test_stablemax_is_the_papers_function_and_does_not_collapse_where_softmax_does():
+    stablemax = E.LOSSES["stablemax"]
+    logits = torch.tensor([[200.0, 0.0, -3.0], [1.0, 0.0, -1.0]], requires_grad=True)
+    p = stablemax.probs(logits)
+    s = torch.tensor([[201.0, 1.0, 1 / 4], [2.0, 1.0, 1 / 2]], dtype=torch.float64)
+    assert p.dtype == torch.float64 and torch.allclose(p, s / s.sum(1, keepdim=True))
+    assert E.LOSSES["cross_entropy"].probs(logits[:1].float())[0, 0] == 1.0  # softmax collapses ...
+    assert p[0, 0] < 1.0  # ... StableMax does not
+    loss = stablemax(logits, torch.tensor([0, 2]))
+    assert loss.item() == pytest.approx(-(math.log(201 / 202.25) + math.log(0.5 / 3.5)) / 2)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()  # also at logits exactly 0 and 1
+
+
+def test_perp_adamw_steps_on_the_gradient_orthogonal_to_each_weight():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = E.OPTIMIZERS["perp_adamw"](model.parameters(), E.Config(weight_decay=0.0))
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    before = {name: (w.detach().clone(), w.grad.norm().item()) for name, w in model.named_parameters()}
+    optimizer.step()
+    for name, w in model.named_parameters():
+        weight, norm = before[name]
+        cosine = (weight * w.grad).sum() / (weight.norm() * w.grad.norm())
+        assert abs(cosine.item()) < 1e-5  # orthogonal to the weight ...
+        assert w.grad.norm().item() == pytest.approx(norm, rel=1e-5)  # ... at the gradient's own norm
+    adam = E.OPTIMIZERS["adam"](model.parameters(), E.Config(weight_decay=0.01))
+    assert type(adam) is torch.optim.Adam and adam.defaults["weight_decay"] == 0.01
+    assert not adam.defaults.get("decoupled_weight_decay", False)  # L2, as in Grokfast's code
+
+
+def test_stablemax_with_perp_adamw_trains_full_batch_without_weight_decay(tmp_path):
+    train(tmp_path, loss="stablemax", optimizer="perp_adamw", sampler="full", weight_decay=0.0, plugins=("norms",))
+    log = log_of(tmp_path)
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in log)
+    assert log[-1]["train_loss"] < log[0]["train_loss"] and log[-1]["softmax_collapse"] == 0.0
