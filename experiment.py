@@ -18,6 +18,7 @@ research plugins and the metrics) is in the package lab/ beside this file.
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -403,7 +404,7 @@ class SwapOperands(Plugin):
     name = "swap_operands"
 
     def on_train_begin(self, run):
-        self.generator = torch.Generator(device=run.device).manual_seed(derived_seeds(run.seed)["batch_seed"] + 1)
+        self.generator = torch.Generator(device=run.device).manual_seed(run.seeds["batch_seed"] + 1)
 
     def transform_batch(self, run, step, x, y):
         if run.op not in ("x_plus_y", "x_minus_y"):
@@ -545,7 +546,7 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
     model.train()
     for step in range(1, cfg.steps + 1):
         if runner.STOP.is_set():  # a stop signal arrived in a child: unwind here, at a known point
-            raise SystemExit(128 + 15)
+            raise SystemExit(128 + signal.SIGTERM)
         run.step = step
         lr_used = scheduler.get_last_lr()[0]
         batch = sample(step)

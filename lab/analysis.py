@@ -1,6 +1,7 @@
 """plot.py's numbers: reading runs, phases, spikes after grokking, the lead-lag analysis and the metrics of saved
 snapshots. Definitions in docs/analysis.md."""
 
+import functools
 import hashlib
 import inspect
 import json
@@ -303,6 +304,7 @@ def file_key(path: str) -> str:
 ANALYSIS_VERSION = 2  # bump to invalidate every cached metric (editing the metric code already does: metrics_key)
 
 
+@functools.cache
 def metrics_key() -> str:
     """Hash of the code behind cached snapshot metrics (lab/measures.py and the functions here that feed it), so
     that editing it recomputes them; editing a figure leaves them cached."""

@@ -121,25 +121,26 @@ def field_comments(Config) -> dict:
     return comments
 
 
+def defaults(Config) -> dict:
+    """Field -> its default value."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(Config)}
+
+
 def field_defaults(Config) -> dict:
     """Field -> its default as written on the command line (lists comma-separated)."""
-    out = {}
-    for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out[f.name] = ",".join(map(str, default)) if isinstance(default, tuple) else default
-    return out
+    return {name: ",".join(map(str, d)) if isinstance(d, tuple) else d for name, d in defaults(Config).items()}
 
 
 def parse_args(E, argv=None):
     """E.Config from flags (--field=value or --field value), validated. Exits 2 with one line on bad input."""
-    comments, shown = field_comments(E.Config), field_defaults(E.Config)
+    comments, values, shown = field_comments(E.Config), defaults(E.Config), field_defaults(E.Config)
     parser = _OneLineParser(prog="experiment.py", description=E.__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(E.Config)
     for f in dataclasses.fields(E.Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         is_bool = hints[f.name] is bool
-        parser.add_argument(f"--{f.name}", type=_flag_type(hints[f.name]), default=default,
+        parser.add_argument(f"--{f.name}", type=_flag_type(hints[f.name]), default=values[f.name],
                             nargs="?" if is_bool else None, const=True if is_bool else None,
                             metavar=hints[f.name].__name__.upper() if isinstance(hints[f.name], type) else "LIST",
                             help=f"{comments.get(f.name, '')} (default: {shown[f.name]})".replace("%", "%%"))

@@ -1,6 +1,7 @@
 """plot.py's machinery: finding runs, the process pool, the figure cache, the tables, analysis_summary.md and the
 notes.txt findings block. `P` below is the plot module (plot.py): its Settings, `labels` and figure functions."""
 
+import functools
 import glob
 import hashlib
 import os
@@ -303,7 +304,12 @@ class FigureCache:
 
 def figures_key(P) -> str:
     """Hash of plot.py, so that editing it redraws every figure."""
-    with open(os.path.abspath(P.__file__)) as f:
+    return _file_hash(os.path.abspath(P.__file__))
+
+
+@functools.cache
+def _file_hash(path: str) -> str:
+    with open(path) as f:
         return hashlib.sha1(f.read().encode()).hexdigest()[:16]
 
 
