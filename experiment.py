@@ -16,6 +16,7 @@ research plugins and the metrics) is in the package lab/ beside this file.
 """
 
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -52,13 +53,14 @@ class Config:
     """One experiment. The defaults are the AI-Scientist grokking template's."""
 
     out_dir: str = "run_0"  # where every result goes; rerunning on it resumes
+    preset: str = "ais2024"  # a reference setup (PRESETS): its values replace these defaults; flags replace both
     ops: tuple[str, ...] = ("x_div_y", "x_minus_y", "x_plus_y", "permutation")  # comma-separated names of OPS
     seeds: int = 3  # seeds per op: 0 .. seeds-1
     p: int = 97  # modulus of the modular ops (prime when x_div_y is run)
     perm_k: int = 5  # permutation op: the group S_k
     train_frac: float = 0.5  # share of all pairs used for training
     steps: int = 7500  # optimizer updates
-    batch_size: int = 512  # training pairs per update (sampler random; full uses every training pair)
+    batch_size: int = 512  # training pairs per update (sampler random); 0: min(512, half the training pairs)
     sampler: str = "random"  # batch sampler (SAMPLERS): random (with replacement, the template's) or full
     loss: str = "cross_entropy"  # loss (LOSSES): cross_entropy or stablemax; training, evaluation and measures use it
     optimizer: str = "adamw"  # optimizer (OPTIMIZERS): adamw, adam (L2 weight decay) or perp_adamw (⊥Grad + AdamW)
@@ -69,10 +71,17 @@ class Config:
     weight_decay: float = 0.5  # AdamW decoupled weight decay
     warmup_steps: int = 50  # linear warm-up from 0, then constant
     eval_every: int = 10  # updates between evaluations on the whole validation set
+    stop_at_val_acc: float = 1.0  # stop at the first evaluation with val accuracy above this (1: never)
+    checkpoint_every: int = 0  # also save the model every this many updates (checkpoints/); 0: the final one only
     model: str = "transformer"  # model (MODELS): transformer (the template's) or gpt2 (transformers' GPT2Model)
     num_layers: int = 2  # decoder blocks
     d_model: int = 128  # residual width
     n_heads: int = 4  # attention heads
+    d_mlp: int = 512  # FFN width
+    norm: str = "post"  # transformer's LayerNorm: post (the template's), pre (with a final LayerNorm) or none
+    activation: str = "gelu"  # transformer's FFN nonlinearity: gelu or relu
+    op_token: bool = True  # input [a, "o", b, "="]; false: [a, b, "="] over the elements + "=" (Nanda et al.'s)
+    init_scale: float = 1.0  # every parameter times this after initialisation (Omnigrok's alpha)
     dtype: str = "fp32"  # fp32, or bf16 autocast for the matrix multiplies
     device: str = "auto"  # auto (cuda when present), cpu or cuda
     plugins: tuple[str, ...] = ()  # extra plugins: builtin names or paths to .py files
@@ -85,13 +94,38 @@ class Config:
     measure_sparse_every: int = 500  # ... and between measurements after that
     measure_dense_after: int = 1000  # updates after the grokking step that are still measured densely
     grokfast_alpha: float = 0.98  # grokfast plugin: EMA decay of the gradient
-    grokfast_lamb: float = 2.0  # grokfast plugin: weight of the EMA added to the gradient
+    grokfast_lamb: float = 2.0  # grokfast plugin: weight of the filtered gradient added to the gradient
+    grokfast_filter: str = "ema"  # grokfast plugin: ema (decay grokfast_alpha) or ma (mean of a window)
+    grokfast_window: int = 100  # grokfast plugin, filter ma: gradients averaged (added once the window is full)
     fourier_topk: int = 5  # fourier plugin: how many key frequencies
     rqi_tol: float = 0.1  # rqi plugin: a parallelogram closes when its unit phases differ by less
     workers: int = 0  # parallel (op, seed) processes; 0 = one per core (one on a GPU)
     threads: int = 0  # torch threads per (op, seed); 0 = 1 on a CPU. Other counts round differently
     overwrite: bool = False  # discard results in out_dir made with another config
     progress: str = "auto"  # auto (a bar on a terminal, plain lines otherwise), bar, lines or none
+
+
+# The reference setups (--preset=NAME, or the preset field above): each replaces the defaults with its paper's
+# values (read from its public code); flags replace those again. config.json records the preset and every value.
+PRESETS = {
+    "ais2024": {},  # the AI-Scientist grokking template: the defaults above
+    "power2022": {  # Power et al. 2022 (openai/grok); weight decay 1, the paper's best, not the code's default 0
+        "ops": ("x_div_y",), "activation": "relu", "weight_decay": 1.0, "warmup_steps": 10, "batch_size": 0,
+        "steps": 100_000, "eval_every": 100, "measure_every": 100, "stop_at_val_acc": 0.99},
+    "nanda2023": {  # Nanda et al. 2023 (progress-measures-paper): 1 layer, no LayerNorm, full batch
+        "ops": ("x_plus_y",), "p": 113, "train_frac": 0.3, "num_layers": 1, "norm": "none", "activation": "relu",
+        "op_token": False, "sampler": "full", "weight_decay": 1.0, "warmup_steps": 10, "steps": 40_000,
+        "eval_every": 100, "measure_every": 100, "checkpoint_every": 200},
+    "grokfast2024": {  # Lee et al. 2024 (ironjr/grokfast main.py), its baseline: Adam, no weight decay
+        "ops": ("x_times_y",), "norm": "pre", "optimizer": "adam", "weight_decay": 0.0, "warmup_steps": 10,
+        "steps": 100_000, "stop_at_val_acc": 0.95, "grokfast_filter": "ema", "grokfast_alpha": 0.98,
+        "grokfast_lamb": 2.0},
+    "prieto2025": {  # Prieto et al. 2025, their transformer runs (Fig. 6): full batch, no weight decay, no warm-up;
+        # switch the cure on with --loss=stablemax or --optimizer=perp_adamw
+        "ops": ("x_plus_y",), "p": 113, "train_frac": 0.4, "num_layers": 1, "norm": "none", "activation": "relu",
+        "op_token": False, "sampler": "full", "weight_decay": 0.0, "schedule": "constant", "steps": 5000,
+        "eval_every": 100, "measure_every": 100},
+}
 
 
 # ----------------------------------------------------------------------------- ops
@@ -103,12 +137,30 @@ OPS = {op.name: op for op in (
     Op("x_minus_y", "(x - y) mod p", modular(lambda a, b, p: a - b), additive(-1)),
     Op("x_plus_y", "(x + y) mod p", modular(lambda a, b, p: a + b), additive(1)),
     Op("permutation", "a o b in S_k", permutation_group(compose)),
+    # Power et al. 2022's other binary ops (openai/grok, grok/data.py)
+    Op("x_times_y", "x * y mod p (y != 0, as Grokfast's)", modular(lambda a, b, p: a * b, b_from=1),
+       multiplicative(1)),
+    Op("x2_plus_y", "(x^2 + y) mod p", modular(lambda a, b, p: a * a + b)),
+    Op("x3_plus_y", "(x^3 + y) mod p", modular(lambda a, b, p: a ** 3 + b)),
+    Op("x2_plus_y2", "(x^2 + y^2) mod p", modular(lambda a, b, p: a * a + b * b)),
+    Op("x2_xy_y2", "(x^2 + xy + y^2) mod p", modular(lambda a, b, p: a * a + a * b + b * b)),
+    Op("x2_xy_y2_x", "(x^2 + xy + y^2 + x) mod p", modular(lambda a, b, p: a * a + a * b + b * b + a)),
+    Op("x3_xy", "(x^3 + xy) mod p", modular(lambda a, b, p: a ** 3 + a * b)),
+    Op("x3_xy2_y", "(x^3 + xy^2 + y) mod p", modular(lambda a, b, p: a ** 3 + a * b * b + b)),
+    Op("x_floordiv_y_or_minus", "x // y if y is odd, else (x - y) mod p",
+       modular(lambda a, b, p: torch.where(b % 2 == 1, a // b.clamp(min=1), a - b))),
+    Op("permutation_conj", "a o b o a^-1 in S_k", permutation_group(lambda a, b: compose(compose(a, b), a.argsort(1)))),
+    Op("permutation_aba", "a o b o a in S_k", permutation_group(lambda a, b: compose(compose(a, b), a))),
 )}
 
 
-def make_task(op: str, p: int = 97, perm_k: int = 5) -> Task:
+def make_task(op: str, p: int = 97, perm_k: int = 5, op_token: bool = True) -> Task:
     """Every pair of `op` as tensors (lab.ops.Task)."""
-    return build_task(OPS[op], p, perm_k)
+    return build_task(OPS[op], p, perm_k, op_token)
+
+
+def task_of(cfg: Config, op: str) -> Task:
+    return make_task(op, cfg.p, cfg.perm_k, cfg.op_token)
 
 
 def derived_seeds(seed: int) -> dict:
@@ -124,8 +176,12 @@ def split_pairs(n_pairs: int, train_frac: float, seed: int) -> tuple[torch.Tenso
 
 
 # ----------------------------------------------------------------------------- model
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # the FFN's nonlinearity (--activation)
+
+
 class Block(nn.Module):
-    """Post-LN decoder block of the template: x = LN(x + attn(x)); x = LN(x + FFN(x)).
+    """A decoder block. norm "post" (the template's, and Power et al.'s): x = LN(x + attn(x)); x = LN(x + FFN(x)).
+    "pre" (GPT-2's, Grokfast's): x = x + attn(LN(x)); x = x + FFN(LN(x)). "none" (Nanda et al.'s): no LayerNorm.
 
     forward(x) is a plain causal block over x (batch, seq, d_model).
     forward(x, prefix, prefix_index) treats row i's sequence as prefix[prefix_index[i]]
@@ -135,14 +191,15 @@ class Block(nn.Module):
     position alone (all a causal model's answer needs), and no prefix states are returned.
     """
 
-    def __init__(self, d_model: int, n_heads: int):
+    def __init__(self, d_model: int, n_heads: int, d_mlp: int = 512, norm: str = "post", activation: str = "gelu"):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.pre_norm = n_heads, norm == "pre"
+        layer_norm = nn.Identity if norm == "none" else nn.LayerNorm
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.attn_norm = nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
-        self.ffn_norm = nn.LayerNorm(d_model)
+        self.attn_norm = layer_norm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, d_mlp), ACTIVATIONS[activation](), nn.Linear(d_mlp, d_model))
+        self.ffn_norm = layer_norm(d_model)
         # nn.MultiheadAttention's initialisation, as in the template.
         nn.init.xavier_uniform_(self.qkv.weight)
         nn.init.zeros_(self.qkv.bias)
@@ -155,6 +212,8 @@ class Block(nn.Module):
     def _project(self, x: torch.Tensor, queries_from: int = 0):
         """Queries of positions queries_from.. (batch, q_len, d) and keys|values of all (batch, seq, 2d)."""
         d_model = x.shape[-1]
+        if self.pre_norm:
+            x = self.attn_norm(x)
         if queries_from == 0:
             q, kv = self.qkv(x).split([d_model, 2 * d_model], dim=-1)
         else:
@@ -180,12 +239,25 @@ class Block(nn.Module):
         weights = scores.masked_fill(hidden, float("-inf")).softmax(-1)
         attn = (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(3)  # (batch, heads, q_len, hd)
         attn = attn.transpose(1, 2).reshape(residual.shape)
-        h = self.attn_norm(residual + self.out(attn))
+        if self.pre_norm:
+            h = residual + self.out(attn)
+            return h + self.ffn(self.ffn_norm(h))
+        h = self.attn_norm(residual + self.out(attn))  # norm "none": Identity
         return self.ffn_norm(h + self.ffn(h))
 
-    def forward(self, x, prefix=None, prefix_index=None, last_only: bool = False):
+    def forward(self, x, prefix=None, prefix_index=None, last_only: bool = False, by_token=None):
         queries_from = x.shape[1] - 1 if last_only else 0
-        q, kv = self._project(x, queries_from)
+        if by_token is None:
+            q, kv = self._project(x, queries_from)
+        else:  # (table (n_vocab, seq, d), tokens (batch, seq)): x[i, j] = table[tokens[i, j], j]
+            table, tokens = by_token
+            q_table, kv_table = self._project(table, queries_from)  # each vocabulary entry once, then gathered
+            seq = tokens.shape[1]
+            rows = tokens * seq + torch.arange(seq, device=tokens.device)  # (batch, seq) rows of table's (vocab, seq)
+            kv = kv_table.reshape(-1, kv_table.shape[-1]).index_select(0, rows.flatten()).view(*rows.shape, -1)
+            q_rows = (tokens[:, queries_from:] * (seq - queries_from)
+                      + torch.arange(seq - queries_from, device=tokens.device))
+            q = q_table.reshape(-1, q_table.shape[-1]).index_select(0, q_rows.flatten()).view(*q_rows.shape, -1)
         if prefix is None:
             return self._attend_and_mix(x[:, queries_from:], q, kv)
         q_pre, kv_pre = self._project(prefix)  # (n_rows, n_prefix, .): the prefix sees only itself
@@ -196,40 +268,47 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """The template's model: embeddings -> blocks -> LayerNorm -> linear head, read at the last position.
+    norm "none" drops the final LayerNorm too; "post" and "pre" keep it.
 
-    With shared_prefix (the default), inputs must be [a, "o", b, "="] with the same
-    token at position 1 in every row: under the causal mask the states of positions
-    0 and 1 then depend on `a` alone, so they are computed once per vocabulary entry
-    and gathered, which saves about 40% of the work. The numbers are those of the
-    plain computation (shared_prefix=False) up to float rounding.
+    With shared_prefix (the default), the states of the positions before b (a, and the
+    op token when there is one) depend on `a` alone under the causal mask when every
+    row has the same tokens between a and b: they are then computed once per
+    vocabulary entry and gathered, which saves about 40% of the work on [a, "o", b, "="].
+    The numbers are those of the plain computation (shared_prefix=False) up to float
+    rounding. Inputs that break the condition take the plain computation.
     """
 
     def __init__(self, n_vocab: int, n_classes: int, num_layers: int = 2, d_model: int = 128,
-                 n_heads: int = 4, seq_len: int = 4, shared_prefix: bool = True):
+                 n_heads: int = 4, seq_len: int = 4, shared_prefix: bool = True, d_mlp: int = 512,
+                 norm: str = "post", activation: str = "gelu"):
         super().__init__()
         self.token_embeddings = nn.Embedding(n_vocab, d_model)
         self.position_embeddings = nn.Embedding(seq_len, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_mlp, norm, activation) for _ in range(num_layers))
+        self.norm = nn.Identity() if norm == "none" else nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
         self.shared_prefix = shared_prefix
         self.capture_modules = {"first": "blocks.0", "last": f"blocks.{num_layers - 1}"}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = self.position_embeddings.weight
-        n_blocks = len(self.blocks)
-        if not self.shared_prefix:
+        n_blocks, n_prefix = len(self.blocks), tokens.shape[1] - 2  # the prefix: every position before b
+        middle = tokens[:, 1:n_prefix]  # (batch, n_prefix - 1): the op token, or nothing
+        if not self.shared_prefix or n_prefix < 1 or (middle != middle[:1]).any():
             h = self.token_embeddings(tokens) + positions[: tokens.shape[1]]
             for i, block in enumerate(self.blocks):
                 h = block(h, last_only=i == n_blocks - 1)
             return self.head(self.norm(h[:, -1]))
         n_vocab = self.token_embeddings.num_embeddings
         every_a = torch.arange(n_vocab, device=tokens.device)
-        prefix_tokens = torch.stack([every_a, tokens[:1, 1].expand(n_vocab)], dim=1)  # (n_vocab, 2)
-        prefix = self.token_embeddings(prefix_tokens) + positions[:2]  # (n_vocab, 2, d_model)
-        h = self.token_embeddings(tokens[:, 2:]) + positions[2: tokens.shape[1]]  # (batch, seq - 2, d_model)
+        prefix_tokens = torch.cat([every_a[:, None], middle[:1].expand(n_vocab, -1)], dim=1)  # (n_vocab, n_prefix)
+        prefix = self.token_embeddings(prefix_tokens) + positions[:n_prefix]  # (n_vocab, n_prefix, d_model)
+        h = self.token_embeddings(tokens[:, n_prefix:]) + positions[n_prefix: tokens.shape[1]]  # (batch, 2, d_model)
+        # The first block's input at b and "=" is one token's embedding too: project each vocabulary entry once.
+        table = self.token_embeddings.weight[:, None] + positions[n_prefix: tokens.shape[1]]  # (n_vocab, 2, d_model)
         for i, block in enumerate(self.blocks):
-            h, prefix = block(h, prefix, tokens[:, 0], last_only=i == n_blocks - 1)
+            by_token = (table, tokens[:, n_prefix:]) if i == 0 else None
+            h, prefix = block(h, prefix, tokens[:, 0], last_only=i == n_blocks - 1, by_token=by_token)
         return self.head(self.norm(h[:, -1]))  # (batch, n_classes)
 
     def token_embedding_matrix(self) -> torch.Tensor:
@@ -265,8 +344,9 @@ MODELS = {"transformer": Transformer, "gpt2": GPT2Classifier}
 
 
 def build_model(cfg: Config, task: Task) -> nn.Module:
+    shape = {"d_mlp": cfg.d_mlp, "norm": cfg.norm, "activation": cfg.activation} if cfg.model == "transformer" else {}
     model = MODELS[cfg.model](task.n_vocab, task.n_classes, cfg.num_layers, cfg.d_model, cfg.n_heads,
-                              seq_len=task.x.shape[1])
+                              seq_len=task.x.shape[1], **shape)
     check_model(model, task, cfg.model)
     return model
 
@@ -337,7 +417,7 @@ class RandomBatches:
     """batch_size training rows per update, drawn uniformly with replacement (the template's sampling)."""
 
     def __init__(self, n_train: int, cfg: Config, device, seed: int):
-        self.n, self.size, self.device = n_train, cfg.batch_size, device
+        self.n, self.size, self.device = n_train, cfg.batch_size or min(512, math.ceil(n_train / 2)), device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, step: int) -> torch.Tensor:  # row indices into the training pairs
@@ -435,26 +515,40 @@ class StepValAcc95(Plugin):
 
 
 class Grokfast(Plugin):
-    """Grokfast-EMA (Lee et al. 2024, arXiv:2405.20233): amplify the slow part of the gradient.
+    """Grokfast (Lee et al. 2024, arXiv:2405.20233): amplify the slow part of the gradient, grad += lamb * slow.
 
-    ema = alpha * ema + (1 - alpha) * grad;  grad = grad + lamb * ema  (--grokfast_alpha, --grokfast_lamb).
+    --grokfast_filter=ema: slow = alpha * slow + (1 - alpha) * grad, starting at the first gradient (the paper's
+    code), --grokfast_alpha, --grokfast_lamb. ma: slow = the mean of the last --grokfast_window gradients, added
+    once the window is full (the code's warm-up).
     """
 
     name = "grokfast"
 
     def on_train_begin(self, run):
         self.params = [p for p in run.model.parameters() if p.requires_grad]
-        self.ema = None
+        self.slow, self.window = None, []
 
     @torch.no_grad()
     def on_after_backward(self, run, step):
+        cfg = run.cfg
         grads = [p.grad for p in self.params if p.grad is not None]
-        if self.ema is None:  # as in the paper's code: the EMA starts at the first gradient
-            self.ema = [g.clone() for g in grads]
+        if cfg.grokfast_filter == "ma":
+            self.window.append([g.clone() for g in grads])
+            if self.slow is None:
+                self.slow = [g.clone() for g in grads]  # the window's running sum
+            else:
+                torch._foreach_add_(self.slow, grads)
+            if len(self.window) > cfg.grokfast_window:
+                torch._foreach_sub_(self.slow, self.window.pop(0))
+            if len(self.window) == cfg.grokfast_window:
+                torch._foreach_add_(grads, self.slow, alpha=cfg.grokfast_lamb / cfg.grokfast_window)
+            return
+        if self.slow is None:  # as in the paper's code: the EMA starts at the first gradient
+            self.slow = [g.clone() for g in grads]
         else:
-            torch._foreach_lerp_(self.ema, grads, 1 - run.cfg.grokfast_alpha)
-        if run.cfg.grokfast_lamb:
-            torch._foreach_add_(grads, self.ema, alpha=run.cfg.grokfast_lamb)
+            torch._foreach_lerp_(self.slow, grads, 1 - cfg.grokfast_alpha)
+        if cfg.grokfast_lamb:
+            torch._foreach_add_(grads, self.slow, alpha=cfg.grokfast_lamb)
 
 
 PLUGINS = {plugin.name: plugin for plugin in (
@@ -509,7 +603,7 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
         shutil.rmtree(out_dir)
     os.makedirs(out_dir)
 
-    task = make_task(job.op, cfg.p, cfg.perm_k)
+    task = task_of(cfg, job.op)
     train_idx, val_idx = split_pairs(len(task.y), cfg.train_frac, seeds["split_seed"])
     runner.write_examples(os.path.join(out_dir, EXAMPLES), task, train_idx)
     x_train, y_train = task.x[train_idx].to(device), task.y[train_idx].to(device)
@@ -528,6 +622,9 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
     run.autocast = autocast
     hooks.init_model(run)
     model = run.model
+    if cfg.init_scale != 1.0:
+        with torch.no_grad():
+            torch._foreach_mul_(list(model.parameters()), cfg.init_scale)
     groups = [g for g in hooks.param_groups(run) if g is not None]
     if len(groups) > 1:
         raise PluginError(f"{len(groups)} plugins return parameter groups for {job.op} seed {job.seed}; one may")
@@ -579,6 +676,10 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
                 report(job, step, metrics)
             if step % cfg.capture_every == 0:  # keep the log of a long run readable while it trains
                 write_jsonl(log_path, run.history)
+            if val_acc > cfg.stop_at_val_acc:
+                break
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            runner.save_checkpoint(run, step)
     last = run.history[-1]
     final_info = {
         "final_train_loss": last["train_loss"],

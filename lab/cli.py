@@ -22,6 +22,8 @@ def validate(cfg, E) -> None:
     """Raise UsageError naming the first problem in cfg. Creates nothing. Plugin files are loaded first: they may
     add entries to experiment.py's registries (an op, a model, a loss)."""
     E.plugin_classes(cfg)  # raises UsageError for an unknown plugin or a broken plugin file
+    if cfg.preset not in E.PRESETS:
+        raise UsageError(f"--preset={cfg.preset}: choose from {','.join(E.PRESETS)}")
     bad = [op for op in cfg.ops if op not in E.OPS]
     if bad or not cfg.ops:
         raise UsageError(f"unknown op {','.join(bad) or '(none)'}: choose from {','.join(E.OPS)}")
@@ -34,15 +36,16 @@ def validate(cfg, E) -> None:
             raise UsageError(f"--p={cfg.p} is not prime; {op} needs a prime modulus (e.g. 97)")
     if not 0 < cfg.train_frac < 1:
         raise UsageError(f"--train_frac={cfg.train_frac} must lie strictly between 0 and 1")
-    for name in ("steps", "seeds", "batch_size", "eval_every", "num_layers", "d_model", "n_heads", "capture_every",
-                 "measure_every", "measure_sparse_every"):
+    for name in ("steps", "seeds", "eval_every", "num_layers", "d_model", "n_heads", "capture_every",
+                 "measure_every", "measure_sparse_every", "d_mlp", "grokfast_window"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name}={getattr(cfg, name)} must be at least 1")
     if not 2 <= cfg.perm_k <= 6:
         raise UsageError(f"--perm_k={cfg.perm_k} must be between 2 and 6")
     if cfg.d_model % cfg.n_heads:
         raise UsageError(f"--d_model={cfg.d_model} must be divisible by --n_heads={cfg.n_heads}")
-    for name in ("lr", "weight_decay", "warmup_steps", "workers", "threads", "rqi_tol"):
+    for name in ("lr", "weight_decay", "warmup_steps", "workers", "threads", "rqi_tol", "batch_size",
+                 "checkpoint_every"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name}={getattr(cfg, name)} must not be negative")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and 0 <= cfg.grokfast_alpha < 1):
@@ -51,6 +54,14 @@ def validate(cfg, E) -> None:
         known = getattr(E, registry)
         if getattr(cfg, name) not in known:
             raise UsageError(f"--{name}={getattr(cfg, name)}: choose from {','.join(known)}")
+    for name, choices in (("norm", ("post", "pre", "none")), ("activation", tuple(E.ACTIVATIONS)),
+                          ("grokfast_filter", ("ema", "ma")), ("dtype", ("fp32", "bf16"))):
+        if getattr(cfg, name) not in choices:
+            raise UsageError(f"--{name}={getattr(cfg, name)}: choose from {','.join(choices)}")
+    if not 0 < cfg.init_scale < float("inf"):
+        raise UsageError(f"--init_scale={cfg.init_scale} must be positive")
+    if not 0 <= cfg.stop_at_val_acc <= 1:
+        raise UsageError(f"--stop_at_val_acc={cfg.stop_at_val_acc} must lie in [0, 1]")
     if cfg.dtype not in ("fp32", "bf16"):
         raise UsageError(f"--dtype={cfg.dtype}: choose from fp32,bf16")
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -80,7 +91,7 @@ def validate(cfg, E) -> None:
         raise UsageError(f"--out_dir={cfg.out_dir} cannot be written ({existing} is not a writable folder)")
     with torch.random.fork_rng(devices=[]):  # the model contract, once per op, before anything is written
         for op in cfg.ops:
-            E.build_model(cfg, E.make_task(op, cfg.p, cfg.perm_k))
+            E.build_model(cfg, E.task_of(cfg, op))
 
 
 def _parse_bool(text: str) -> bool:
@@ -134,23 +145,32 @@ def field_defaults(Config) -> dict:
 
 def parse_args(E, argv=None):
     """E.Config from flags (--field=value or --field value), validated. Exits 2 with one line on bad input."""
-    comments, values, shown = field_comments(E.Config), defaults(E.Config), field_defaults(E.Config)
+    comments, shown = field_comments(E.Config), field_defaults(E.Config)
     parser = _OneLineParser(prog="experiment.py", description=E.__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(E.Config)
     for f in dataclasses.fields(E.Config):
         is_bool = hints[f.name] is bool
-        parser.add_argument(f"--{f.name}", type=_flag_type(hints[f.name]), default=values[f.name],
+        parser.add_argument(f"--{f.name}", type=_flag_type(hints[f.name]), default=argparse.SUPPRESS,
                             nargs="?" if is_bool else None, const=True if is_bool else None,
                             metavar=hints[f.name].__name__.upper() if isinstance(hints[f.name], type) else "LIST",
                             help=f"{comments.get(f.name, '')} (default: {shown[f.name]})".replace("%", "%%"))
     try:
-        cfg = E.Config(**vars(parser.parse_args(argv)))
+        cfg = resolve(E, vars(parser.parse_args(argv)))
         validate(cfg, E)
     except UsageError as e:
         print(f"experiment.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     return cfg
+
+
+def resolve(E, flags: dict):
+    """E.Config from the flags given: the defaults, then the preset's values (the flag's preset, else the default
+    one), then the flags."""
+    preset = flags.get("preset", defaults(E.Config)["preset"])
+    if preset not in E.PRESETS:
+        raise UsageError(f"--preset={preset}: choose from {','.join(E.PRESETS)}")
+    return E.Config(**{**defaults(E.Config), **E.PRESETS[preset], **flags})
 
 
 def config_dict(cfg) -> dict:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-TOKEN_OFFSET = 2  # vocabulary = ["o", "="] + the elements: element i is token i + 2
+TOKEN_OFFSET = 2  # with the op token: vocabulary ["o", "="] + the elements, element i is token i + 2
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,27 @@ class Task:
     """Every pair of one op as tensors. Row i of x/y is pair (a[i], b[i])."""
 
     op: str
-    x: torch.Tensor  # (n_pairs, 4) int64 tokens [a, "o", b, "="]
+    x: torch.Tensor  # (n_pairs, 4) int64 tokens [a, "o", b, "="], or (n_pairs, 3) [a, b, "="] without the op token
     y: torch.Tensor  # (n_pairs,) int64 answer class
     a: torch.Tensor  # (n_pairs,) index of the left operand among the elements
     b: torch.Tensor  # (n_pairs,) index of the right operand among the elements
     n_vocab: int
     n_classes: int
     elements: list  # class index -> element (int residue or permutation tuple)
+    offset: int = TOKEN_OFFSET  # token id of element 0: element i is token i + offset
 
 
-def build_task(op: Op, p: int, perm_k: int) -> Task:
+def build_task(op: Op, p: int, perm_k: int, op_token: bool = True) -> Task:
+    """Every pair of op. With op_token the input is [a, "o", b, "="] over ["o", "="] + the elements (the
+    template's); without, [a, b, "="] over the elements + ["="] (Nanda et al. 2023's: vocabulary n + 1)."""
     elements, a, b, y = op.table(p, perm_k)
     assert a.shape == b.shape == y.shape and a.dtype == y.dtype == torch.int64, f"{op.name}: a, b, y must match"
-    x = torch.stack([a + TOKEN_OFFSET, torch.zeros_like(a), b + TOKEN_OFFSET, torch.ones_like(a)], dim=1)
     n = len(elements)
-    return Task(op.name, x, y, a, b, n_vocab=n + TOKEN_OFFSET, n_classes=n, elements=elements)
+    if op_token:
+        x = torch.stack([a + TOKEN_OFFSET, torch.zeros_like(a), b + TOKEN_OFFSET, torch.ones_like(a)], dim=1)
+        return Task(op.name, x, y, a, b, n_vocab=n + TOKEN_OFFSET, n_classes=n, elements=elements)
+    x = torch.stack([a, b, torch.full_like(a, n)], dim=1)
+    return Task(op.name, x, y, a, b, n_vocab=n + 1, n_classes=n, elements=elements, offset=0)
 
 
 # ----------------------------------------------------------------------------- building blocks for ops

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from lab import measures as M
 from lab.files import atomic_write, write_json, write_jsonl
-from lab.ops import TOKEN_OFFSET, cyclic_coordinates
+from lab.ops import cyclic_coordinates
 from lab.schema import ACTIVATIONS, INDEX, MEASURES, MEMORISED_AT, GROKKED_ABOVE
 
 
@@ -317,7 +317,7 @@ class EmbeddingProbe(CaptureSchedule):
         if again:
             return
         with torch.no_grad():
-            embedding = run.model.token_embedding_matrix()[TOKEN_OFFSET: TOKEN_OFFSET + run.task.n_classes]
+            embedding = run.model.token_embedding_matrix()[run.task.offset: run.task.offset + run.task.n_classes]
             embedding = embedding.detach().float().cpu()
         self.rows.append({"step": step, **self.measure(run, embedding)})
         write_jsonl(os.path.join(run.out_dir, f"{self.name}.jsonl"), self.rows)
@@ -379,7 +379,7 @@ class ProgressMeasures(Plugin):
         if cyclic is not None:
             rows, i, j, m, sign, residues = cyclic
             self.fourier = (rows, M.FourierBasis(i, j, m, sign))
-            self.embedding_rows = TOKEN_OFFSET + residues  # token ids in group order: x_div_y's embedding in log coordinates
+            self.embedding_rows = task.offset + residues  # token ids in group order: x_div_y's embedding in log coordinates
         elif run.seed == 0:  # once per op, not once per seed
             print(f"experiment.py: measures plugin: restricted/excluded loss and the Fourier measures need a cyclic "
                   f"group; {run.op} is not one, so they are not measured (the other measures are)", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Running an experiment: the out_dir lock, resume, the worker pool and signals, and final_info.json.
 `E` below is the experiment module (experiment.py): its Config, registries and train_one."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 from lab.cli import RUNTIME_FIELDS, config_dict, config_from_dict, parse_args
 from lab.files import atomic_write, read_json, remove_partials, write_json, write_jsonl
 from lab.plugins import PluginError, UsageError
-from lab.schema import CONFIG, FINAL_INFO, LOG, MODEL, RUN, Job, final_info_file, job_dir
+from lab.schema import CHECKPOINTS, CONFIG, FINAL_INFO, LOG, MODEL, RUN, Job, final_info_file, job_dir
 
 
 class WorkerError(Exception):
@@ -84,15 +85,41 @@ def write_job(cfg, job: Job, run, final_info: dict, train_seconds: float) -> dic
     return record
 
 
-def load_model(E, run_dir: str, op: str, seed: int, device: str = "cpu"):
+def save_checkpoint(run, step: int) -> None:
+    """The model at `step`, as checkpoints/step_{step:07d}.safetensors in the job's folder (--checkpoint_every)."""
+    os.makedirs(os.path.join(run.out_dir, CHECKPOINTS), exist_ok=True)
+    save_model(run.model, os.path.join(run.out_dir, CHECKPOINTS, f"step_{step:07d}.safetensors"))
+
+
+def load_task(E, run_dir: str, op: str):
+    """Every pair of op as the run was trained on it (lab.ops.Task; rows in examples.parquet's order): rebuilt
+    from the run's config.json, so model(task.x) gives every pair's logits."""
+    cfg = config_from_dict(E.Config, read_json(os.path.join(run_dir, CONFIG)))
+    return E.task_of(cfg, op)
+
+
+def load_model(E, run_dir: str, op: str, seed: int, device: str = "cpu", checkpoint: str | None = None,
+               job: Job | None = None):
     """The final model of (op, seed) in run_dir, rebuilt offline from the run's config.json and the job's
-    model.safetensors, in eval mode. No pickle, no download. The data: E.make_task(op, cfg.p, cfg.perm_k)."""
+    model.safetensors (or a file of its checkpoints/), in eval mode. No pickle, no download. Its inputs:
+    load_task(E, run_dir, op). `job` names a job with overrides."""
     from safetensors.torch import load_model as load
 
+    job = job or Job(op, seed)
     cfg = config_from_dict(E.Config, read_json(os.path.join(run_dir, CONFIG)))
-    model = E.build_model(cfg, E.make_task(op, cfg.p, cfg.perm_k))
-    load(model, os.path.join(job_dir(run_dir, Job(op, seed)), MODEL), device=device)
+    cfg = dataclasses.replace(cfg, **dict(job.overrides))
+    model = E.build_model(cfg, E.task_of(cfg, op))
+    folder = job_dir(run_dir, job)
+    load(model, os.path.join(folder, CHECKPOINTS, checkpoint) if checkpoint else os.path.join(folder, MODEL),
+         device=device)
     return model.to(device).eval()
+
+
+def checkpoints(run_dir: str, job: Job) -> list[tuple[int, str]]:
+    """(step, file name) of every checkpoint of a job, by step."""
+    folder = os.path.join(job_dir(run_dir, job), CHECKPOINTS)
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [(int(name[5:-12]), name) for name in names if name.startswith("step_") and name.endswith(".safetensors")]
 
 
 

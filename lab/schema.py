@@ -10,6 +10,7 @@ LOG = "log.jsonl"  # per job: one row per evaluation
 MEASURES = "measures.jsonl"  # per job: the measures plugin's rows
 EXAMPLES = "examples.parquet"  # per job: one row per pair, aligned with every snapshot
 MODEL = "model.safetensors"  # per job: the final weights
+CHECKPOINTS = "checkpoints"  # per job, with --checkpoint_every: step_{step:07d}.safetensors
 RUN = "run.json"  # per job: seeds, timings, device
 ACTIVATIONS = "activations"  # per job: snapshot folder, with index.json
 INDEX = "index.json"
