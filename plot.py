@@ -32,8 +32,8 @@ from lab import report  # noqa: E402
 from lab.analysis import (LEADLAG_HALF_WIDTH, Pair, completion, describe_grokking, end_state,  # noqa: E402
                           grok_summary, leadlag_table, load_snapshot, mean_stderr, measure_label, measure_series,
                           phase_snapshots, read_examples, read_log, warn)
-from lab.files import atomic_write  # noqa: E402
-from lab.schema import LAYERS, METRIC_SPLITS, METRIC_TITLES, MODEL_MEASURES  # noqa: E402
+from lab.files import atomic_write, read_json  # noqa: E402
+from lab.schema import FINAL_KEYS, LAYERS, METRIC_SPLITS, METRIC_TITLES, MODEL_MEASURES  # noqa: E402
 
 # Run folders -> legend names. Empty: every run_* folder under its own name.
 labels = {}
@@ -448,6 +448,45 @@ def plugin_figures(run: str, op: str, pairs: list, rows: list, out_dir: str) -> 
                               "before, during and after grokking."))
     return written
 
+
+
+def final_keys_figure(run: str, op: str, pairs: list, key_rows: list, out_dir: str) -> list:
+    """Nanda et al. 2023's Figure: train, test, restricted and excluded loss (the final model's key frequencies,
+    from the checkpoints; dashed: each step's, from the measures plugin) with the three phase ends, per seed."""
+    from lab.progress import per_step_rows
+
+    by_seed = {p.seed: p for p in pairs}
+    shown = [k for k in key_rows if k["seed"] in by_seed][:4]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown), 4), squeeze=False)
+    for ax, k in zip(axes[0], shown):
+        pair = by_seed[k["seed"]]
+        rows = read_json(os.path.join(pair.folder, FINAL_KEYS))["rows"]
+        steps = [r["step"] for r in rows]
+        for key, label, color in (("train_loss", "train loss", "C0"), ("test_loss", "test loss", "C1"),
+                                  ("restricted_loss", "restricted loss", "C2"),
+                                  ("excluded_loss", "excluded loss (train)", "C3")):
+            ax.plot(steps, [r[key] for r in rows], color=color, label=label, linewidth=1.3)
+        per_step = per_step_rows(pair.folder)
+        for key, color in (("restricted_loss", "C2"), ("excluded_loss", "C3")):
+            points = [(r["step"], r[key]) for r in per_step if r[key] is not None]
+            if points:
+                ax.plot(*zip(*points), color=color, linestyle="--", linewidth=0.8, alpha=0.7)
+        for key, style in (("memorisation_end", ":"), ("circuit_formation_end", "-."), ("cleanup_end", "--")):
+            if k[key] is not None:
+                ax.axvline(k[key], color="black", linestyle=style, linewidth=0.9,
+                           label=f"{key.replace('_', ' ')} {k[key]:.0f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("update step")
+        ax.set_title(f"seed {k['seed']}: key freqs {k['key_freqs']}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Progress measures, {run}, {op}: solid, the final model's key frequencies (checkpoints); "
+                 "dashed, each step's (measures plugin)", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"final_keys_{run}_{op}".replace(os.sep, "_") + ".png")
+    save(fig, path)
+    return [(path, f"Train, test, restricted and excluded loss of {op} (run {run}) per seed, with the final model's "
+                   "key frequencies and each step's, and the three phases' ends (Nanda et al. 2023's Figure 7).")]
 
 
 def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, out_dir: str) -> list:

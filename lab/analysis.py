@@ -14,7 +14,7 @@ import numpy as np
 
 from lab import measures
 from lab.files import read_json, write_json
-from lab.schema import (ACTIVATIONS, CONFIG, EXAMPLES, GROKKED_ABOVE, INDEX, LOG, LOG_MEASURES, LOG_METRICS, MEASURES,
+from lab.schema import (ACTIVATIONS, CONFIG, EXAMPLES, FINAL_KEYS, GROKKED_ABOVE, INDEX, LOG, LOG_MEASURES, LOG_METRICS, MEASURES,
                         MEMORISED_AT, METRIC_SPLITS, PLUGIN_FILES, RUN, Job, final_info_file, job_dir, phase_of)
 
 PHASES = ("before", "during", "after")
@@ -147,6 +147,11 @@ def measure_rows(pair: Pair) -> list:
         if os.path.exists(path):
             for r in read_log(path, required=("step", key)):
                 add(r["step"], "embedding", "all", metric, r[key])
+    path = os.path.join(pair.folder, FINAL_KEYS)  # lab.progress: the final model's key frequencies, over checkpoints
+    if os.path.exists(path):
+        for r in read_json(path).get("rows", []):
+            add(r["step"], "model", "all", "restricted_loss_final_keys", r.get("restricted_loss"))
+            add(r["step"], "model", "train", "excluded_loss_final_keys", r.get("excluded_loss"))
     path = os.path.join(pair.folder, MEASURES)
     if os.path.exists(path):
         for r in read_log(path, required=("step", "val_acc", "values")):

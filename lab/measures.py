@@ -208,11 +208,13 @@ class FourierBasis:
 
 
 def fourier_progress(logits: torch.Tensor, y: torch.Tensor, is_train: torch.Tensor, fb: FourierBasis,
-                     k: int, loss) -> dict:
+                     k: int, loss, key: torch.Tensor | None = None) -> dict:
     """Nanda et al. 2023's progress measures from the logits (n, C) of every pair of a cyclic op (rows as in fb);
     the losses are `loss` (the run's, e.g. cross-entropy) of modified logits.
 
-    key_freqs: the k frequencies whose directions hold the most of the logits' power;
+    key_freqs: the k frequencies whose directions hold the most of the logits' power (or those of `key`, indices
+      into fb.freqs, when given: e.g. the final model's, as Nanda et al. take them); key_index: their indices;
+      key_shares: each one's share of the power in all frequencies;
     logit_key_frac: their share of the power of the logits centred over the grid;
     restricted_loss: loss on every pair of the logits reduced to the key frequencies' components plus each
       class's mean logit (the paper's bias correction);
@@ -228,13 +230,15 @@ def fourier_progress(logits: torch.Tensor, y: torch.Tensor, is_train: torch.Tens
     coef = torch.einsum("fzg,gc->fzc", basis, grid)  # (K, 2, C) projections onto each direction
     power = coef.pow(2).sum((1, 2))  # (K,)
     total = (grid - grid.mean(0)).pow(2).sum()
-    key = power.topk(min(k, len(power))).indices
+    if key is None:
+        key = power.topk(min(k, len(power))).indices
     components = torch.einsum("fzg,fzc->gc", basis[key], coef[key])  # (m^2, C)
     restricted = components + grid.mean(0)
     excluded = grid - components
     return {"restricted_loss": loss(restricted, labels).item(),
             "excluded_loss": loss(excluded[train], labels[train]).item(),
             "logit_key_frac": (power[key].sum() / total).item() if total > 0 else 0.0,
-            "key_freqs": fb.freqs[key.cpu()].tolist()}
+            "key_freqs": fb.freqs[key.cpu()].tolist(), "key_index": key,
+            "key_shares": (power[key] / power.sum().clamp_min(1e-30)).tolist()}
 
 

@@ -418,7 +418,7 @@ class ProgressMeasures(Plugin):
                                        run.cfg.fourier_topk, run.loss)
             row["key_freqs"] = nanda.pop("key_freqs")
             model_values["train"]["excluded_loss"] = nanda.pop("excluded_loss")
-            model_values["all"].update(nanda)
+            model_values["all"].update({k: nanda[k] for k in ("restricted_loss", "logit_key_frac")})
             with torch.no_grad():
                 embedding = run.model.token_embedding_matrix()[self.embedding_rows].detach().float().cpu()
             spectrum = M.fourier_spectrum(embedding)

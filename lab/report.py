@@ -16,7 +16,8 @@ from lab.analysis import (LEADLAG_HALF_WIDTH, PHASES, SPIKE_BELOW, TAIL_SHARE, d
                           lead_text, leadlag_rows, leadlag_table, load_run, measure_label, measure_rows, pair_metrics,
                           phase_values, settings_key, spike_rows, warn)
 from lab.files import atomic_write, read_json, write_json, write_text
-from lab.schema import LAYERS, MEASURES, METRIC_SPLITS
+from lab.progress import final_key_progress_of, summary_row
+from lab.schema import CHECKPOINTS, LAYERS, MEASURES, METRIC_SPLITS
 
 
 def discover_runs(args, labels: dict) -> dict:
@@ -177,7 +178,7 @@ def figure_patterns(figures: list) -> list:
 
 
 def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, figures: list,
-                   limit: int = NOTES_LIMIT) -> str:
+                   limit: int = NOTES_LIMIT, key_rows: list = ()) -> str:
     """The block plot.py keeps in notes.txt: per run and op the grokking steps, final val accuracy, the largest
     metric changes and what leads; then every kind of figure. Detail is dropped level by level (lagging measures,
     then the second and third leader and change) until it fits in `limit` characters."""
@@ -197,6 +198,9 @@ def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, f
                            for t in table if t["leads"] == t["seeds"] == n]
                 laggers = [f"{measure_label(t['layer'], t['split'], t['measure'])} {lead_text(t)}"
                            for t in reversed(table) if t["lags"] == t["seeds"] == n]
+                mine = [k for k in key_rows if k["run"] == run and k["op"] == op]
+                if mine:  # Nanda et al.'s definition, from checkpoints: lab/progress.py
+                    head += " Final-model key frequencies: " + describe_final_keys(mine) + "."
                 sections.append((head, changes, leaders, laggers, n))
             except Exception as e:  # an odd run must not cost the rest of the block
                 warn(f"notes.txt findings for {run} {op} skipped ({type(e).__name__}: {e})")
@@ -265,6 +269,61 @@ def write_leadlag(rows: list, out_dir: str) -> None:
     write_csv(os.path.join(out_dir, "leadlag.csv"), columns,
               ({k: "" if v is None else round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
                for r in rows))
+
+
+# ----------------------------------------------------------------------------- Nanda et al.'s definition
+FINAL_KEY_COLUMNS = ["run", "op", "seed", "key_freqs", "key_shares", "memorisation_end", "circuit_formation_end",
+                     "cleanup_end", "test_loss_t50", "t50_restricted_loss_final", "lead_restricted_loss_final",
+                     "t50_excluded_loss_final", "lead_excluded_loss_final", "t50_restricted_loss_per_step",
+                     "lead_restricted_loss_per_step", "t50_excluded_loss_per_step", "lead_excluded_loss_per_step"]
+
+
+def final_key_rows(pairs: list, pool) -> list:
+    """lab.progress.summary_row of every job that kept checkpoints (--checkpoint_every), its final_keys.json
+    computed in the pool where missing."""
+    submitted = [(p, pool.submit(final_key_progress_of, p.run, p.op, p.seed)) for p in pairs
+                 if p.final is not None and os.path.isdir(os.path.join(p.folder, CHECKPOINTS))]
+    out = []
+    for p, job in submitted:
+        try:
+            result = job.result()
+            if result is not None:
+                out.append(summary_row(p, result))
+        except Exception as e:
+            warn(f"final-model key frequencies of {p.run} {p.op} seed {p.seed} skipped ({type(e).__name__}: {e})")
+    return out
+
+
+def describe_final_keys(rows: list) -> str:
+    """Phases and the leads over test loss, mean ± stderr over seeds, for one (run, op)."""
+    def stat(key, fmt=".0f"):
+        values = [r[key] for r in rows if r[key] is not None]
+        return format_mean_stderr(values, fmt, ".0f") if values else "n/a"
+
+    def lead(key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return f"{stat(key)}, leads in {sum(v > 0 for v in values)}/{len(rows)}"
+
+    return (f"key freqs per seed {'; '.join(r['key_freqs'] for r in rows)}; phases end at memorisation "
+            f"{stat('memorisation_end')}, circuit formation {stat('circuit_formation_end')}, cleanup "
+            f"{stat('cleanup_end')}; lead over test loss (steps, t50 of log loss): restricted loss "
+            f"{lead('lead_restricted_loss_final')}, excluded loss {lead('lead_excluded_loss_final')} with the final "
+            f"model's key freqs; {lead('lead_restricted_loss_per_step')} and {lead('lead_excluded_loss_per_step')} "
+            "with each step's")
+
+
+def final_keys_markdown(rows: list) -> str:
+    if not rows:
+        return ""
+    lines = ["", "## Progress measures with the final model's key frequencies (Nanda et al. 2023's definition)", "",
+             "From the checkpoints (--checkpoint_every): key frequencies = the fourier_topk frequencies with the most "
+             "power in the final model's logits; restricted/excluded loss recomputed with them at every checkpoint "
+             "(lab/progress.py). Phases on log10(test loss) from the memorisation step: circuit formation ends at "
+             "its 10% point, cleanup at its 90% point. Per seed in `final_keys.csv`.", ""]
+    for run, op in dict.fromkeys((r["run"], r["op"]) for r in rows):
+        lines.append(f"- {run}, {op}: " + describe_final_keys([r for r in rows if r["run"] == run
+                                                                  and r["op"] == op]) + ".")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- main
@@ -365,6 +424,7 @@ def main(P, args) -> int:
                 warn(f"learning curves skipped ({type(e).__name__}: {e})")
                 cached = []
         figures += cached
+        key_rows = final_key_rows(pairs, pool)  # before measure_rows, which reads the final_keys.json they write
         rows, rows_by = [], {}
         for p, job in metric_jobs:
             found = job.result()
@@ -387,6 +447,15 @@ def main(P, args) -> int:
             if cached is None:
                 jobs[f"progress/{run}/{op}"] = (key, pool.submit(P.progress_figure, run, op, by_op[op][run], found,
                                                                  made, args.out_dir))
+            else:
+                figures += cached
+        for (run, op) in dict.fromkeys((k["run"], k["op"]) for k in key_rows):
+            mine = [k for k in key_rows if k["run"] == run and k["op"] == op]
+            key = settings_key(settings, "final_keys", mine, inputs_key(P, settings, by_op[op][run]))
+            cached = drawn.get(f"final_keys/{run}/{op}", key)
+            if cached is None:
+                jobs[f"final_keys/{run}/{op}"] = (key, pool.submit(P.final_keys_figure, run, op, by_op[op][run], mine,
+                                                                   args.out_dir))
             else:
                 figures += cached
         for (run, op), found in rows_by.items():
@@ -421,10 +490,14 @@ def main(P, args) -> int:
     write_tables(rows, args.out_dir)
     write_leadlag(leadlag, args.out_dir)
     write_spikes(pairs, args.out_dir)
+    write_csv(os.path.join(args.out_dir, "final_keys.csv"), FINAL_KEY_COLUMNS,
+              ({k: "" if v is None else round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
+               for r in key_rows))
     summary = os.path.join(args.out_dir, "analysis_summary.md")
-    write_text(summary, summary_markdown(by_op, runs, rows_by, sorted(figures), leadlag, left_out))
+    write_text(summary, summary_markdown(by_op, runs, rows_by, sorted(figures), leadlag, left_out)
+               + final_keys_markdown(key_rows))
     if args.notes:
-        update_notes(args.notes, findings_block(by_op, runs, rows_by, leadlag, sorted(figures)))
+        update_notes(args.notes, findings_block(by_op, runs, rows_by, leadlag, sorted(figures), key_rows=key_rows))
     print(f"plot.py: {len(figures)} figures, {len(rows)} metric rows, summary in {summary}", file=sys.stderr)
     return 0
 

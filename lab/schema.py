@@ -10,6 +10,7 @@ LOG = "log.jsonl"  # per job: one row per evaluation
 MEASURES = "measures.jsonl"  # per job: the measures plugin's rows
 EXAMPLES = "examples.parquet"  # per job: one row per pair, aligned with every snapshot
 MODEL = "model.safetensors"  # per job: the final weights
+FINAL_KEYS = "final_keys.json"  # per job, derived by plot.py from checkpoints/ (lab/progress.py)
 CHECKPOINTS = "checkpoints"  # per job, with --checkpoint_every: step_{step:07d}.safetensors
 RUN = "run.json"  # per job: seeds, timings, device
 ACTIVATIONS = "activations"  # per job: snapshot folder, with index.json
@@ -84,8 +85,10 @@ MODEL_MEASURES = {  # layers model / embedding: metric -> title
     "param_norm": "param_norm: L2 norm of all weights",
     "logit_norm": "logit_norm (train pairs)",
     "softmax_collapse": "softmax_collapse (train pairs)",
-    "restricted_loss": "restricted loss (key freqs only, all pairs)",
-    "excluded_loss": "excluded loss (key freqs removed, train)",
+    "restricted_loss": "restricted loss (each step's key freqs only, all pairs)",
+    "excluded_loss": "excluded loss (each step's key freqs removed, train)",
+    "restricted_loss_final_keys": "restricted loss (final model's key freqs only, all pairs)",
+    "excluded_loss_final_keys": "excluded loss (final model's key freqs removed, train)",
     "logit_key_frac": "logits' power in the key freqs",
     "fourier_topk_frac": "embedding power in top-k freqs",
     "rqi": "RQI of the embedding",
