@@ -1,0 +1,247 @@
+"""Reproduce the reference setups' headline results (README, "Reproducing the papers"): a benchmark, not a test.
+
+    python tests/reproduce.py run nanda2023            # train one preset's runs into repro/ (hours on 2 cores)
+    python tests/reproduce.py run all
+    python tests/reproduce.py report                   # numbers, times and figures from whatever has finished
+
+`run` calls experiment.py with the commands in EXPERIMENTS (rerunning resumes); `report` prints the reproduction
+table as markdown, each preset's single-seed training time with the CPU, and draws one figure per preset into
+--figures (default docs/reproduce/). The budgets are what a 2-core CPU affords, not always the paper's: each
+command says its own.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lab.analysis import format_mean_stderr, load_run  # noqa: E402
+from lab.files import read_json  # noqa: E402
+
+POWER_FRACTIONS = (0.3, 0.4, 0.5, 0.7)
+POWER_OPS = "x_div_y,x2_xy_y2"
+POWER_BUDGET = 5000  # the paper's is 10^5 updates
+GROKFAST_BASELINE_BUDGET = 25_000  # the paper's baseline reaches 95% at 39,890
+PRIETO_STEPS = 2000  # the paper's transformer runs: 5,000 full-batch epochs
+
+# run folder (under --root) -> experiment.py flags; grouped by preset
+EXPERIMENTS = {
+    "nanda2023": {"nanda2023": ["--preset=nanda2023", "--steps=20000", "--seeds=3", "--workers=2"]},
+    "grokfast2024": {
+        "grokfast2024_ema": ["--preset=grokfast2024", "--seeds=2", "--plugins=grokfast", "--weight_decay=0.005"],
+        "grokfast2024_ma": ["--preset=grokfast2024", "--seeds=2", "--plugins=grokfast", "--grokfast_filter=ma",
+                            "--grokfast_window=100", "--grokfast_lamb=5", "--weight_decay=0.01"],
+        "grokfast2024_baseline": ["--preset=grokfast2024", "--seeds=2", "--workers=2", "--eval_every=100",
+                                  f"--steps={GROKFAST_BASELINE_BUDGET}"],
+    },
+    "power2022": {f"power2022_frac{f}": ["--preset=power2022", f"--ops={POWER_OPS}", "--seeds=1",
+                                         f"--train_frac={f}", f"--steps={POWER_BUDGET}"] for f in POWER_FRACTIONS},
+    "prieto2025": {
+        f"prieto2025_{name}": ["--preset=prieto2025", "--seeds=1", f"--steps={PRIETO_STEPS}",
+                               "--plugins=norms", *flags]
+        for name, flags in (("softmax", []), ("stablemax", ["--loss=stablemax"]),
+                            ("perp_adamw", ["--optimizer=perp_adamw"]))},
+}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")))
+        shown = [f for f in ("avx2", "avx512f", "amx_tile") if f in flags]
+        return f"{name}, {os.cpu_count()} cores, {' '.join(shown)}"
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def command(root: str, folder: str, flags: list) -> list:
+    return [sys.executable, os.path.join(ROOT, "experiment.py"), f"--out_dir={os.path.join(root, folder)}",
+            "--progress=lines", *flags]
+
+
+def run(root: str, presets: list) -> None:
+    for preset in presets:
+        for folder, flags in EXPERIMENTS[preset].items():
+            print(" ".join(command(root, folder, flags)), flush=True)
+            subprocess.run(command(root, folder, flags), check=True)
+
+
+# ----------------------------------------------------------------------------- report
+def finished(root: str, folder: str) -> list:
+    path = os.path.join(root, folder)
+    return [p for p in load_run(path, folder) if p.final is not None] if os.path.isdir(path) else []
+
+
+def first_step_above(log: list, level: float):
+    return next((r["step"] for r in log if r["val_acc"] > level), None)
+
+
+def seconds(pair) -> float:
+    return read_json(os.path.join(pair.folder, "run.json"))["train_seconds"]
+
+
+def mean_err(values, fmt=".0f") -> str:
+    return format_mean_stderr(values, fmt, fmt) if len(values) else "n/a"
+
+
+def report_nanda(root: str, figures: str) -> dict:
+    import plot
+    from lab.progress import final_key_progress_of, summary_row
+
+    pairs = finished(root, "nanda2023")
+    if not pairs:
+        return {}
+    rows = [summary_row(p, final_key_progress_of(p.run, p.op, p.seed)) for p in pairs]
+    made = plot.final_keys_figure("nanda2023", "x_plus_y", pairs, rows, figures)
+    os.replace(made[0][0], os.path.join(figures, "nanda2023.png"))
+
+    def stat(key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return f"{mean_err(values)} ({sum(v > 0 for v in values)}/{len(rows)} seeds > 0)" if "lead" in key \
+            else mean_err(values)
+
+    grok = [p.grok_step for p in pairs if p.grok_step is not None]
+    return {
+        "seeds": len(pairs), "key_freqs": "; ".join(r["key_freqs"] for r in rows),
+        "n_key": [len(r["key_freqs"].split()) for r in rows],
+        "key_shares": "; ".join(r["key_shares"] for r in rows),
+        "memorisation_end": stat("memorisation_end"), "circuit_formation_end": stat("circuit_formation_end"),
+        "cleanup_end": stat("cleanup_end"), "grok_step": mean_err(grok) + f" ({len(grok)}/{len(pairs)} grokked)",
+        **{k: stat(k) for k in rows[0] if k.startswith("lead_")},
+        "seconds": [seconds(p) for p in pairs], "steps": [p.log[-1]["step"] for p in pairs],
+    }
+
+
+def report_grokfast(root: str, figures: str) -> dict:
+    out = {}
+    plt.figure(figsize=(7, 4))
+    for i, (name, label) in enumerate((("baseline", "baseline (Adam, wd 0)"),
+                                       ("ema", "Grokfast-EMA (alpha 0.98, lamb 2, wd 0.005)"),
+                                       ("ma", "Grokfast-MA (window 100, lamb 5, wd 0.01)"))):
+        pairs = finished(root, f"grokfast2024_{name}")
+        if not pairs:
+            continue
+        reached = [first_step_above(p.log, 0.95) for p in pairs]
+        out[name] = {"reached": reached, "budget": max(p.log[-1]["step"] for p in pairs),
+                     "seconds": [seconds(p) for p in pairs]}
+        for j, p in enumerate(pairs):
+            steps = [r["step"] for r in p.log]
+            plt.plot(steps, [r["val_acc"] for r in p.log], color=f"C{i}", linewidth=1,
+                     label=label if j == 0 else None)
+    plt.axhline(0.95, color="black", linestyle=":", linewidth=0.8)
+    plt.xscale("log")
+    plt.xlabel("update step")
+    plt.ylabel("val accuracy")
+    plt.title("grokfast2024: x*y mod 97, val accuracy per seed", fontsize=10)
+    plt.legend(fontsize=8)
+    plt.grid(alpha=0.3)
+    plt.tight_layout()
+    plt.savefig(os.path.join(figures, "grokfast2024.png"), dpi=120)
+    plt.close()
+    return out
+
+
+def report_power(root: str, figures: str) -> dict:
+    out = {}
+    plt.figure(figsize=(7, 4))
+    for i, op in enumerate(POWER_OPS.split(",")):
+        xs, ys, missed = [], [], []
+        for f in POWER_FRACTIONS:
+            pairs = [p for p in finished(root, f"power2022_frac{f}") if p.op == op]
+            if not pairs:
+                continue
+            p = pairs[0]
+            step = p.grok_step
+            out[(op, f)] = {"step": step, "budget": p.log[-1]["step"] if step is None else None,
+                            "final_val_acc": p.log[-1]["val_acc"], "seconds": seconds(p)}
+            (xs if step is not None else missed).append(f)
+            if step is not None:
+                ys.append(step)
+        plt.plot(xs, ys, "o-", color=f"C{i}", label=f"{op}: steps to val acc > 0.99")
+        if missed:
+            plt.plot(missed, [POWER_BUDGET] * len(missed), "x", color=f"C{i}", markersize=9,
+                     label=f"{op}: not within {POWER_BUDGET} steps")
+    plt.axhline(POWER_BUDGET, color="black", linestyle=":", linewidth=0.8)
+    plt.yscale("log")
+    plt.xlabel("training fraction")
+    plt.ylabel("update steps")
+    plt.title("power2022: optimisation needed to generalise vs training data (seed 0)", fontsize=10)
+    plt.legend(fontsize=8)
+    plt.grid(alpha=0.3)
+    plt.tight_layout()
+    plt.savefig(os.path.join(figures, "power2022.png"), dpi=120)
+    plt.close()
+    return out
+
+
+def report_prieto(root: str, figures: str) -> dict:
+    out = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, name in enumerate(("softmax", "stablemax", "perp_adamw")):
+        pairs = finished(root, f"prieto2025_{name}")
+        if not pairs:
+            continue
+        p = pairs[0]
+        steps = [r["step"] for r in p.log]
+        collapse = [(r["step"], r["softmax_collapse"]) for r in p.log if "softmax_collapse" in r]
+        axes[0].plot(steps, [r["val_acc"] for r in p.log], color=f"C{i}", label=name)
+        if collapse:
+            axes[1].plot(*zip(*collapse), color=f"C{i}", label=name)
+        out[name] = {"final_val_acc": p.log[-1]["val_acc"], "final_train_acc": p.log[-1]["train_acc"],
+                     "grok_step": p.grok_step, "max_collapse": max((c for _, c in collapse), default=None),
+                     "final_collapse": collapse[-1][1] if collapse else None, "seconds": seconds(p),
+                     "steps": p.log[-1]["step"]}
+    axes[0].set_ylabel("val accuracy")
+    axes[1].set_ylabel("softmax collapse: share of train pairs with p(true) == 1.0 in float32")
+    for ax in axes:
+        ax.set_xlabel("full-batch update")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("prieto2025: x+y mod 113, no weight decay: cross-entropy vs StableMax vs ⊥AdamW", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(figures, "prieto2025.png"), dpi=120)
+    plt.close(fig)
+    return out
+
+
+def report(root: str, figures: str) -> None:
+    os.makedirs(figures, exist_ok=True)
+    found = {"cpu": cpu_model(), "nanda2023": report_nanda(root, figures),
+             "grokfast2024": report_grokfast(root, figures), "power2022": report_power(root, figures),
+             "prieto2025": report_prieto(root, figures)}
+    found["power2022"] = {f"{op} {f}": v for (op, f), v in found["power2022"].items()}
+    print(json.dumps(found, indent=1, default=str))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("run", "report"))
+    parser.add_argument("presets", nargs="*", default=["all"])
+    parser.add_argument("--root", default=os.path.join(ROOT, "repro"), help="where the runs go")
+    parser.add_argument("--figures", default=os.path.join(ROOT, "docs", "reproduce"))
+    args = parser.parse_args(argv)
+    presets = list(EXPERIMENTS) if "all" in args.presets else args.presets
+    unknown = [p for p in presets if p not in EXPERIMENTS]
+    if unknown:
+        parser.error(f"unknown preset {','.join(unknown)}: choose from {','.join(EXPERIMENTS)} or all")
+    if args.action == "run":
+        run(args.root, presets)
+    else:
+        report(args.root, args.figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
