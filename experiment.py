@@ -490,7 +490,9 @@ class SwapOperands(Plugin):
         if run.op not in ("x_plus_y", "x_minus_y"):
             return x, y
         swap = torch.rand(len(x), generator=self.generator, device=x.device) < 0.5
-        x = torch.where(swap[:, None], x[:, [2, 1, 0, 3]], x)  # tokens [a, "o", b, "="] -> [b, "o", a, "="]
+        order = list(range(x.shape[1]))
+        order[0], order[-2] = order[-2], order[0]  # [a, "o", b, "="] -> [b, "o", a, "="]; [a, b, "="] -> [b, a, "="]
+        x = torch.where(swap[:, None], x[:, order], x)
         if run.op == "x_minus_y":
             y = torch.where(swap, (-y) % run.cfg.p, y)
         return x, y

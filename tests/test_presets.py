@@ -217,3 +217,18 @@ def test_phases_and_leads_on_a_made_up_run():
 def test_unknown_preset_in_config_default_is_caught():
     with pytest.raises(UsageError, match="preset"):
         cli.resolve(E, {"preset": "nanda2024"})
+
+
+def test_swap_operands_on_the_input_without_op_token():
+    cfg = E.Config(p=11, d_model=16, op_token=False)
+    task = E.task_of(cfg, "x_minus_y")
+    train_idx, val_idx = E.split_pairs(len(task.y), 0.5, 0)
+    from conftest import make_run
+    run = make_run(cfg, "x_minus_y", task, train_idx, val_idx, E.build_model(cfg, task))
+    swap = E.SwapOperands()
+    swap.on_train_begin(run)
+    x, y = task.x[train_idx], task.y[train_idx]
+    new_x, new_y = swap.transform_batch(run, 1, x, y)
+    swapped = new_x[:, 0] != x[:, 0]
+    assert 15 < swapped.sum() < 45 and torch.equal(new_x[swapped][:, [1, 0, 2]], x[swapped])
+    assert torch.equal(new_y, (new_x[:, 0] - new_x[:, 1]) % 11)  # elements are tokens 0 .. p-1 here
