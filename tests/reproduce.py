@@ -85,7 +85,7 @@ def run(root: str, presets: list, only=None) -> None:
 # ----------------------------------------------------------------------------- report
 def finished(root: str, folder: str) -> list:
     path = os.path.join(root, folder)
-    return [p for p in load_run(path, folder) if p.final is not None] if os.path.isdir(path) else []
+    return [p for p in load_run(path, path) if p.final is not None] if os.path.isdir(path) else []
 
 
 def first_step_above(log: list, level: float):
@@ -144,6 +144,9 @@ def report_grokfast(root: str, figures: str) -> dict:
             steps = [r["step"] for r in p.log]
             plt.plot(steps, [r["val_acc"] for r in p.log], color=f"C{i}", linewidth=1,
                      label=label if j == 0 else None)
+    if not out:
+        plt.close()
+        return out
     plt.axhline(0.95, color="black", linestyle=":", linewidth=0.8)
     plt.xscale("log")
     plt.xlabel("update step")
@@ -177,6 +180,9 @@ def report_power(root: str, figures: str) -> dict:
         if missed:
             plt.plot(missed, [POWER_BUDGET] * len(missed), "x", color=f"C{i}", markersize=9,
                      label=f"{op}: not within {POWER_BUDGET} steps")
+    if not out:
+        plt.close()
+        return out
     plt.axhline(POWER_BUDGET, color="black", linestyle=":", linewidth=0.8)
     plt.yscale("log")
     plt.xlabel("training fraction")
@@ -207,6 +213,9 @@ def report_prieto(root: str, figures: str) -> dict:
                      "grok_step": p.grok_step, "max_collapse": max((c for _, c in collapse), default=None),
                      "final_collapse": collapse[-1][1] if collapse else None, "seconds": seconds(p),
                      "steps": p.log[-1]["step"]}
+    if not out:
+        plt.close(fig)
+        return out
     axes[0].set_ylabel("val accuracy")
     axes[1].set_ylabel("softmax collapse: share of train pairs with p(true) == 1.0 in float32")
     for ax in axes:
