@@ -461,7 +461,7 @@ class LayerLearningRates(Plugin):
     """A learning rate per layer: cfg.lr times the scale of the first matching name prefix (1 if none)."""
 
     name = "layer_lr"
-    scales = {"token_embeddings": 0.5, "position_embeddings": 0.5, "blocks.0": 1.0, "blocks.1": 1.0, "head": 2.0}
+    scales = {"token_embeddings": 0.5, "position_embeddings": 0.5, "blocks": 1.0, "head": 2.0}  # any depth
 
     def param_groups(self, run):
         names = [name for name, _ in run.model.named_parameters()]

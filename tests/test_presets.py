@@ -232,3 +232,17 @@ def test_swap_operands_on_the_input_without_op_token():
     swapped = new_x[:, 0] != x[:, 0]
     assert 15 < swapped.sum() < 45 and torch.equal(new_x[swapped][:, [1, 0, 2]], x[swapped])
     assert torch.equal(new_y, (new_x[:, 0] - new_x[:, 1]) % 11)  # elements are tokens 0 .. p-1 here
+
+
+def test_example_plugins_on_a_one_layer_model(tmp_path):
+    """layer_lr's prefixes match a 1-layer model too; xavier_init, grokfast and step_val_acc_95 run on nanda2023."""
+    cfg = tiny(tmp_path, "nanda2023", ops=("x_plus_y",), steps=20,
+               plugins=("layer_lr", "xavier_init", "grokfast", "step_val_acc_95", "swap_operands"))
+    record = E.train_one(cfg, Job("x_plus_y", 0))
+    assert "step_val_acc_95" in record["final_info"]
+    task = E.task_of(cfg, "x_plus_y")
+    from conftest import make_run
+    run = make_run(cfg, "x_plus_y", task, *E.split_pairs(len(task.y), cfg.train_frac, 0), E.build_model(cfg, task))
+    lr_of = {id(p): g["lr"] for g in E.LayerLearningRates().param_groups(run) for p in g["params"]}
+    named = dict(run.model.named_parameters())
+    assert lr_of[id(named["blocks.0.qkv.weight"])] == cfg.lr and lr_of[id(named["head.weight"])] == 2 * cfg.lr
