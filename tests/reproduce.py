@@ -14,7 +14,6 @@ command says its own.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -28,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lab.analysis import format_mean_stderr, load_run  # noqa: E402
 from lab.files import read_json  # noqa: E402
+from bench_plot import cpu_description  # noqa: E402
 
 POWER_FRACTIONS = (0.3, 0.4, 0.5, 0.7)
 POWER_OPS = "x_div_y,x2_xy_y2"
@@ -54,18 +54,6 @@ EXPERIMENTS = {
         for name, flags in (("softmax", []), ("stablemax", ["--loss=stablemax"]),
                             ("perp_adamw", ["--optimizer=perp_adamw"]))},
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")))
-        shown = [f for f in ("avx2", "avx512f", "amx_tile") if f in flags]
-        return f"{name}, {os.cpu_count()} cores, {' '.join(shown)}"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def command(root: str, folder: str, flags: list) -> list:
@@ -231,7 +219,7 @@ def report_prieto(root: str, figures: str) -> dict:
 
 def report(root: str, figures: str) -> None:
     os.makedirs(figures, exist_ok=True)
-    found = {"cpu": cpu_model(), "nanda2023": report_nanda(root, figures),
+    found = {"cpu": cpu_description(), "nanda2023": report_nanda(root, figures),
              "grokfast2024": report_grokfast(root, figures), "power2022": report_power(root, figures),
              "prieto2025": report_prieto(root, figures)}
     found["power2022"] = {f"{op} {f}": v for (op, f), v in found["power2022"].items()}
