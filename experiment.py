@@ -81,6 +81,7 @@ class Config:
     norm: str = "post"  # transformer's LayerNorm: post (the template's), pre (with a final LayerNorm) or none
     activation: str = "gelu"  # transformer's FFN nonlinearity: gelu or relu
     op_token: bool = True  # input [a, "o", b, "="]; false: [a, b, "="] over the elements + "=" (Nanda et al.'s)
+    init: str = "torch"  # initialisation (INITS): torch (PyTorch's defaults, the template's) or nanda (N(0, 1/d_model))
     init_scale: float = 1.0  # every parameter times this after initialisation (Omnigrok's alpha)
     dtype: str = "fp32"  # fp32, or bf16 autocast for the matrix multiplies
     device: str = "auto"  # auto (cuda when present), cpu or cuda
@@ -115,7 +116,7 @@ PRESETS = {
     "nanda2023": {  # Nanda et al. 2023 (progress-measures-paper): 1 layer, no LayerNorm, full batch
         "ops": ("x_plus_y",), "p": 113, "train_frac": 0.3, "num_layers": 1, "norm": "none", "activation": "relu",
         "op_token": False, "sampler": "full", "weight_decay": 1.0, "warmup_steps": 10, "steps": 40_000,
-        "eval_every": 100, "measure_every": 100, "checkpoint_every": 200},
+        "init": "nanda", "eval_every": 100, "measure_every": 100, "checkpoint_every": 200},
     "grokfast2024": {  # Lee et al. 2024 (ironjr/grokfast main.py), its baseline: Adam, no weight decay
         "ops": ("x_times_y",), "norm": "pre", "optimizer": "adam", "weight_decay": 0.0, "warmup_steps": 10,
         "steps": 100_000, "stop_at_val_acc": 0.95, "grokfast_filter": "ema", "grokfast_alpha": 0.98,
@@ -341,6 +342,21 @@ class GPT2Classifier(nn.Module):
 # A model: forward(tokens (n, seq)) -> logits (n, n_classes); capture_modules {"first", "last": module path}, whose
 # output's last position is read; token_embedding_matrix() -> (n_vocab, d). Checked when built (docs/experiment.md).
 MODELS = {"transformer": Transformer, "gpt2": GPT2Classifier}
+
+
+@torch.no_grad()
+def nanda_init(model: nn.Module, task: Task) -> None:
+    """Nanda et al. 2023's initialisation: every weight matrix and embedding N(0, 1/d_model), the unembedding
+    N(0, 1/n_vocab), biases 0 (LayerNorms, if any, keep theirs)."""
+    d_model = model.token_embedding_matrix().shape[1]
+    for name, parameter in model.named_parameters():
+        if parameter.dim() >= 2:
+            parameter.normal_(0.0, (task.n_vocab if name.startswith("head.") else d_model) ** -0.5)
+        elif name.endswith("bias") and "norm" not in name:
+            parameter.zero_()
+
+
+INITS = {"torch": None, "nanda": nanda_init}  # name -> (model, task) -> None, run under the init seed
 
 
 def build_model(cfg: Config, task: Task) -> nn.Module:
@@ -622,6 +638,8 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
     run = Run(cfg, job, out_dir, task, train_idx, val_idx, build_model(cfg, task).to(device), device, loss_fn,
               evaluate, OPS[job.op], seeds)
     run.autocast = autocast
+    if INITS[cfg.init] is not None:
+        INITS[cfg.init](run.model, task)
     hooks.init_model(run)
     model = run.model
     if cfg.init_scale != 1.0:
