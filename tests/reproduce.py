@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default=os.path.join(ROOT, "repro"), help="where the runs go")
     parser.add_argument("--figures", default=os.path.join(ROOT, "docs", "reproduce"))
     parser.add_argument("--only", default="", help="comma-separated run folders of the presets to run")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     presets = list(EXPERIMENTS) if "all" in args.presets else args.presets
     unknown = [p for p in presets if p not in EXPERIMENTS]
     if unknown:
