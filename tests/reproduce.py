@@ -31,9 +31,9 @@ from bench_plot import cpu_description  # noqa: E402
 
 POWER_FRACTIONS = (0.3, 0.4, 0.5, 0.7)
 POWER_OPS = "x_div_y,x2_xy_y2"
-POWER_BUDGET = 5000  # the paper's is 10^5 updates
-GROKFAST_BASELINE_BUDGET = 20_000  # the paper's baseline reaches 95% at 39,890
-PRIETO_STEPS = 3000  # the paper's transformer runs: 5,000 full-batch epochs
+POWER_BUDGET = 4000  # the paper's is 10^5 updates
+GROKFAST_BASELINE_BUDGET = 15_000  # the paper's baseline reaches 95% at 39,890
+PRIETO_STEPS = 2000  # the paper's transformer runs: 5,000 full-batch epochs
 
 # run folder (under --root) -> experiment.py flags; grouped by preset
 EXPERIMENTS = {
