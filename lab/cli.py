@@ -54,8 +54,8 @@ def validate(cfg, E) -> None:
         known = getattr(E, registry)
         if getattr(cfg, name) not in known:
             raise UsageError(f"--{name}={getattr(cfg, name)}: choose from {','.join(known)}")
-    for name, choices in (("norm", ("post", "pre", "none")), ("activation", tuple(E.ACTIVATIONS)), ("init", tuple(E.INITS)),
-                          ("grokfast_filter", ("ema", "ma")), ("dtype", ("fp32", "bf16"))):
+    for name, choices in (("norm", ("post", "pre", "none")), ("activation", tuple(E.ACTIVATIONS)),
+                          ("init", tuple(E.INITS)), ("grokfast_filter", ("ema", "ma")), ("dtype", ("fp32", "bf16"))):
         if getattr(cfg, name) not in choices:
             raise UsageError(f"--{name}={getattr(cfg, name)}: choose from {','.join(choices)}")
     if not 0 < cfg.init_scale < float("inf"):
