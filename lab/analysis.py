@@ -15,8 +15,8 @@ import numpy as np
 from lab import measures
 from lab.files import read_json, write_json
 from lab.schema import (ACTIVATIONS, CONFIG, EXAMPLES, FINAL_KEYS, GROKKED_ABOVE, INDEX, LOG, LOG_MEASURES, LOG_METRICS,
-                        MEASURES,
-                        MEMORISED_AT, METRIC_SPLITS, PLUGIN_FILES, RUN, Job, final_info_file, job_dir, phase_of)
+                        MEASURES, MEMORISED_AT, METRIC_SPLITS, PLUGIN_FILES, RUN, Job, final_info_file, job_dir,
+                        phase_of)
 
 PHASES = ("before", "during", "after")
 
