@@ -131,7 +131,8 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- ops
 # An op is an entry of OPS (lab.ops.Op: its table of pairs and answers, and its cycle if it has one); both
-# scripts read them here. Vocabulary: ["o", "="] + the elements; input [a, "o", b, "="]; class = element index.
+# scripts read them here. Vocabulary: ["o", "="] + the elements, input [a, "o", b, "="] (--op_token=false: the
+# elements + ["="], input [a, b, "="]); class = element index.
 OPS = {op.name: op for op in (
     Op("x_div_y", "x / y mod p (y != 0)", modular(lambda a, b, p: a * inverses(p)[b], b_from=1), multiplicative(-1),
        prime=True),
