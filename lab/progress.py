@@ -146,10 +146,15 @@ def per_step_rows(folder: str) -> list:
     return out
 
 
+KEY_SHARE = 0.01  # n_key_freqs counts the top fourier_topk frequencies holding at least this share of the power
+
+
 def summary_row(pair, result: dict) -> dict:
-    """One row of final_keys.csv: a job's final key frequencies, phases and leads (phases_and_leads)."""
+    """One row of final_keys.csv: a job's final key frequencies (and how many hold >= KEY_SHARE of the logits'
+    power), phases and leads (phases_and_leads)."""
     start = pair.memorisation_step if pair.memorisation_step is not None else 0
     found = phases_and_leads(result["rows"], start, per_step_rows(pair.folder))
     return {"run": pair.run, "op": pair.op, "seed": pair.seed,
             "key_freqs": " ".join(map(str, result["key_freqs"])),
+            "n_key_freqs": sum(share >= KEY_SHARE for share in result["key_shares"]),
             "key_shares": " ".join(f"{s:.3f}" for s in result["key_shares"]), **found}

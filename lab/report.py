@@ -272,7 +272,7 @@ def write_leadlag(rows: list, out_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------- Nanda et al.'s definition
-FINAL_KEY_COLUMNS = ["run", "op", "seed", "key_freqs", "key_shares", "memorisation_end", "circuit_formation_end",
+FINAL_KEY_COLUMNS = ["run", "op", "seed", "key_freqs", "n_key_freqs", "key_shares", "memorisation_end", "circuit_formation_end",
                      "cleanup_end", "test_loss_t50", "t50_restricted_loss_final", "lead_restricted_loss_final",
                      "t50_excluded_loss_final", "lead_excluded_loss_final", "t50_restricted_loss_per_step",
                      "lead_restricted_loss_per_step", "t50_excluded_loss_per_step", "lead_excluded_loss_per_step"]

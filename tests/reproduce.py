@@ -107,7 +107,7 @@ def report_nanda(root: str, figures: str) -> dict:
     grok = [p.grok_step for p in pairs if p.grok_step is not None]
     return {
         "seeds": len(pairs), "key_freqs": "; ".join(r["key_freqs"] for r in rows),
-        "n_key": [len(r["key_freqs"].split()) for r in rows],
+        "n_key_freqs": [r["n_key_freqs"] for r in rows],
         "key_shares": "; ".join(r["key_shares"] for r in rows),
         "memorisation_end": stat("memorisation_end"), "circuit_formation_end": stat("circuit_formation_end"),
         "cleanup_end": stat("cleanup_end"), "grok_step": mean_err(grok) + f" ({len(grok)}/{len(pairs)} grokked)",
