@@ -106,7 +106,8 @@ def phases_and_leads(rows: list, memorisation_step: int, per_step: list = (), ha
     log10(loss) from the memorisation step (analysis.completion: t10/t50/t90 = the steps at which 10/50/90% of
     the change to the end is done).
 
-    memorisation: ends at the first evaluation with train accuracy >= MEMORISED_AT (given);
+    memorisation: ends at the first evaluation with train accuracy >= MEMORISED_AT (given); test_loss_peak, the
+    checkpoint with the highest test loss, is where the paper's memorisation phase ends (test loss stops rising);
     circuit formation: ends when test loss has done 10% of its fall (t10); cleanup: ends at its t90.
     lead_<measure> = test loss's t50 - the measure's t50, in steps (positive: the measure moves first), for the
     final-model key frequencies (rows) and, where given, the per-step ones (per_step: measures.jsonl rows as
@@ -114,8 +115,10 @@ def phases_and_leads(rows: list, memorisation_step: int, per_step: list = (), ha
     """
     steps = [r["step"] for r in rows]
     test = _log_completion(steps, [r["test_loss"] for r in rows], memorisation_step, half_width)
-    out = {"memorisation_end": memorisation_step, "circuit_formation_end": test[0] if test else None,
-           "cleanup_end": test[2] if test else None, "test_loss_t50": test[1] if test else None}
+    peak = max(rows, key=lambda r: r["test_loss"])["step"] if rows else None  # where Nanda et al.'s memorisation ends
+    out = {"memorisation_end": memorisation_step, "test_loss_peak": peak,
+           "circuit_formation_end": test[0] if test else None, "cleanup_end": test[2] if test else None,
+           "test_loss_t50": test[1] if test else None}
     for source, series in (("final", rows), ("per_step", per_step)):
         for measure in ("restricted_loss", "excluded_loss"):
             points = [(r["step"], r[measure]) for r in series if r.get(measure) is not None]

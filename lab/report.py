@@ -272,8 +272,8 @@ def write_leadlag(rows: list, out_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------- Nanda et al.'s definition
-FINAL_KEY_COLUMNS = ["run", "op", "seed", "key_freqs", "n_key_freqs", "key_shares", "memorisation_end", "circuit_formation_end",
-                     "cleanup_end", "test_loss_t50", "t50_restricted_loss_final", "lead_restricted_loss_final",
+FINAL_KEY_COLUMNS = ["run", "op", "seed", "key_freqs", "n_key_freqs", "key_shares", "memorisation_end",
+                     "test_loss_peak", "circuit_formation_end", "cleanup_end", "test_loss_t50", "t50_restricted_loss_final", "lead_restricted_loss_final",
                      "t50_excluded_loss_final", "lead_excluded_loss_final", "t50_restricted_loss_per_step",
                      "lead_restricted_loss_per_step", "t50_excluded_loss_per_step", "lead_excluded_loss_per_step"]
 
@@ -305,7 +305,8 @@ def describe_final_keys(rows: list) -> str:
         return f"{stat(key)}, leads in {sum(v > 0 for v in values)}/{len(rows)}"
 
     return (f"key freqs per seed {'; '.join(r['key_freqs'] for r in rows)}; phases end at memorisation "
-            f"{stat('memorisation_end')}, circuit formation {stat('circuit_formation_end')}, cleanup "
+            f"{stat('memorisation_end')} (test loss peaks at {stat('test_loss_peak')}), circuit formation "
+            f"{stat('circuit_formation_end')}, cleanup "
             f"{stat('cleanup_end')}; lead over test loss (steps, t50 of log loss): restricted loss "
             f"{lead('lead_restricted_loss_final')}, excluded loss {lead('lead_excluded_loss_final')} with the final "
             f"model's key freqs; {lead('lead_restricted_loss_per_step')} and {lead('lead_excluded_loss_per_step')} "

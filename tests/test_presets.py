@@ -206,7 +206,9 @@ def test_phases_and_leads_on_a_made_up_run():
 
     rows = [{"step": s, "test_loss": ramp(s, 1000, 2000, 1, -2), "restricted_loss": ramp(s, 500, 1500, 1, -2),
              "excluded_loss": ramp(s, 700, 1700, -2, 1)} for s in steps]
+    rows[5]["test_loss"] = 100.0  # the peak, at step 250
     found = phases_and_leads(rows, memorisation_step=200, half_width=0)
+    assert found["test_loss_peak"] == 250
     assert found["circuit_formation_end"] == pytest.approx(1100, abs=60)
     assert found["cleanup_end"] == pytest.approx(1900, abs=60)
     assert found["lead_restricted_loss_final"] == pytest.approx(500, abs=60)
