@@ -77,7 +77,7 @@ class Config:
     num_layers: int = 2  # decoder blocks
     d_model: int = 128  # residual width
     n_heads: int = 4  # attention heads
-    d_mlp: int = 512  # FFN width
+    d_mlp: int = 0  # FFN width; 0: 4 * d_model (the template's)
     norm: str = "post"  # transformer's LayerNorm: post (the template's), pre (with a final LayerNorm) or none
     activation: str = "gelu"  # transformer's FFN nonlinearity: gelu or relu
     op_token: bool = True  # input [a, "o", b, "="]; false: [a, b, "="] over the elements + "=" (Nanda et al.'s)
@@ -193,13 +193,14 @@ class Block(nn.Module):
     position alone (all a causal model's answer needs), and no prefix states are returned.
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_mlp: int = 512, norm: str = "post", activation: str = "gelu"):
+    def __init__(self, d_model: int, n_heads: int, d_mlp: int = 0, norm: str = "post", activation: str = "gelu"):
         super().__init__()
         self.n_heads, self.pre_norm = n_heads, norm == "pre"
         layer_norm = nn.Identity if norm == "none" else nn.LayerNorm
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.attn_norm = layer_norm(d_model)
+        d_mlp = d_mlp or 4 * d_model
         self.ffn = nn.Sequential(nn.Linear(d_model, d_mlp), ACTIVATIONS[activation](), nn.Linear(d_mlp, d_model))
         self.ffn_norm = layer_norm(d_model)
         # nn.MultiheadAttention's initialisation, as in the template.
@@ -281,7 +282,7 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, n_vocab: int, n_classes: int, num_layers: int = 2, d_model: int = 128,
-                 n_heads: int = 4, seq_len: int = 4, shared_prefix: bool = True, d_mlp: int = 512,
+                 n_heads: int = 4, seq_len: int = 4, shared_prefix: bool = True, d_mlp: int = 0,
                  norm: str = "post", activation: str = "gelu"):
         super().__init__()
         self.token_embeddings = nn.Embedding(n_vocab, d_model)

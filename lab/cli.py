@@ -37,7 +37,7 @@ def validate(cfg, E) -> None:
     if not 0 < cfg.train_frac < 1:
         raise UsageError(f"--train_frac={cfg.train_frac} must lie strictly between 0 and 1")
     for name in ("steps", "seeds", "eval_every", "num_layers", "d_model", "n_heads", "capture_every",
-                 "measure_every", "measure_sparse_every", "d_mlp", "grokfast_window"):
+                 "measure_every", "measure_sparse_every", "grokfast_window"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name}={getattr(cfg, name)} must be at least 1")
     if not 2 <= cfg.perm_k <= 6:
@@ -45,7 +45,7 @@ def validate(cfg, E) -> None:
     if cfg.d_model % cfg.n_heads:
         raise UsageError(f"--d_model={cfg.d_model} must be divisible by --n_heads={cfg.n_heads}")
     for name in ("lr", "weight_decay", "warmup_steps", "workers", "threads", "rqi_tol", "batch_size",
-                 "checkpoint_every"):
+                 "checkpoint_every", "d_mlp"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name}={getattr(cfg, name)} must not be negative")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and 0 <= cfg.grokfast_alpha < 1):
