@@ -31,7 +31,7 @@ from bench_plot import cpu_description  # noqa: E402
 
 POWER_FRACTIONS = (0.3, 0.4, 0.5, 0.7)
 POWER_OPS = "x_div_y,x2_xy_y2"
-POWER_BUDGET = 4000  # the paper's is 10^5 updates
+POWER_BUDGET = 2000  # the paper's is 10^5 updates
 GROKFAST_BASELINE_BUDGET = 15_000  # the paper's baseline reaches 95% at 39,890
 PRIETO_STEPS = 2000  # the paper's transformer runs: 5,000 full-batch epochs
 
@@ -41,7 +41,7 @@ EXPERIMENTS = {
     "nanda2023": {"nanda2023": ["--preset=nanda2023", "--steps=20000", "--seeds=3", "--workers=2"]},
     "grokfast2024": {
         "grokfast2024_ema": ["--preset=grokfast2024", "--seeds=2", "--plugins=grokfast", "--weight_decay=0.005"],
-        "grokfast2024_ma": ["--preset=grokfast2024", "--seeds=2", "--plugins=grokfast", "--grokfast_filter=ma",
+        "grokfast2024_ma": ["--preset=grokfast2024", "--seeds=1", "--plugins=grokfast", "--grokfast_filter=ma",
                             "--grokfast_window=100", "--grokfast_lamb=5", "--weight_decay=0.01"],
         "grokfast2024_baseline": ["--preset=grokfast2024", "--seeds=2", "--eval_every=100",
                                   f"--steps={GROKFAST_BASELINE_BUDGET}"],
