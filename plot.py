@@ -471,7 +471,8 @@ def final_keys_figure(run: str, op: str, pairs: list, key_rows: list, out_dir: s
             points = [(r["step"], r[key]) for r in per_step if r[key] is not None]
             if points:
                 ax.plot(*zip(*points), color=color, linestyle="--", linewidth=0.8, alpha=0.7)
-        for key, style in (("memorisation_end", ":"), ("circuit_formation_end", "-."), ("cleanup_end", "--")):
+        for key, style in (("memorisation_end", ":"), ("test_loss_peak", (0, (1, 4))), ("circuit_formation_end", "-."),
+                           ("cleanup_end", "--")):
             if k[key] is not None:
                 ax.axvline(k[key], color="black", linestyle=style, linewidth=0.9,
                            label=f"{key.replace('_', ' ')} {k[key]:.0f}")
