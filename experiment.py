@@ -278,12 +278,14 @@ class Transformer(nn.Module):
     row has the same tokens between a and b: they are then computed once per
     vocabulary entry and gathered, which saves about 40% of the work on [a, "o", b, "="].
     The numbers are those of the plain computation (shared_prefix=False) up to float
-    rounding. Inputs that break the condition take the plain computation.
+    rounding. Inputs that break the condition take the plain computation. With vocab_table
+    (build_model's choice for inputs without the op token), the first block's projections
+    at b and "=" are computed once per vocabulary entry too.
     """
 
     def __init__(self, n_vocab: int, n_classes: int, num_layers: int = 2, d_model: int = 128,
                  n_heads: int = 4, seq_len: int = 4, shared_prefix: bool = True, d_mlp: int = 0,
-                 norm: str = "post", activation: str = "gelu"):
+                 norm: str = "post", activation: str = "gelu", vocab_table: bool = False):
         super().__init__()
         self.token_embeddings = nn.Embedding(n_vocab, d_model)
         self.position_embeddings = nn.Embedding(seq_len, d_model)
@@ -291,6 +293,7 @@ class Transformer(nn.Module):
         self.norm = nn.Identity() if norm == "none" else nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
         self.shared_prefix = shared_prefix
+        self.vocab_table = vocab_table
         self.capture_modules = {"first": "blocks.0", "last": f"blocks.{num_layers - 1}"}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -307,10 +310,11 @@ class Transformer(nn.Module):
         prefix_tokens = torch.cat([every_a[:, None], middle[:1].expand(n_vocab, -1)], dim=1)  # (n_vocab, n_prefix)
         prefix = self.token_embeddings(prefix_tokens) + positions[:n_prefix]  # (n_vocab, n_prefix, d_model)
         h = self.token_embeddings(tokens[:, n_prefix:]) + positions[n_prefix: tokens.shape[1]]  # (batch, 2, d_model)
-        # The first block's input at b and "=" is one token's embedding too: project each vocabulary entry once.
+        # The first block's input at b and "=" is one token's embedding too: project each vocabulary entry once
+        # (vocab_table; off on the template's input, whose runs keep the numbers of earlier versions byte for byte).
         table = self.token_embeddings.weight[:, None] + positions[n_prefix: tokens.shape[1]]  # (n_vocab, 2, d_model)
         for i, block in enumerate(self.blocks):
-            by_token = (table, tokens[:, n_prefix:]) if i == 0 else None
+            by_token = (table, tokens[:, n_prefix:]) if i == 0 and self.vocab_table else None
             h, prefix = block(h, prefix, tokens[:, 0], last_only=i == n_blocks - 1, by_token=by_token)
         return self.head(self.norm(h[:, -1]))  # (batch, n_classes)
 
@@ -362,7 +366,8 @@ INITS = {"torch": None, "nanda": nanda_init}  # name -> (model, task) -> None, r
 
 
 def build_model(cfg: Config, task: Task) -> nn.Module:
-    shape = {"d_mlp": cfg.d_mlp, "norm": cfg.norm, "activation": cfg.activation} if cfg.model == "transformer" else {}
+    shape = {"d_mlp": cfg.d_mlp, "norm": cfg.norm, "activation": cfg.activation,
+             "vocab_table": not cfg.op_token} if cfg.model == "transformer" else {}
     model = MODELS[cfg.model](task.n_vocab, task.n_classes, cfg.num_layers, cfg.d_model, cfg.n_heads,
                               seq_len=task.x.shape[1], **shape)
     check_model(model, task, cfg.model)
