@@ -71,9 +71,11 @@ def run(root: str, presets: list, only=None) -> None:
 
 
 # ----------------------------------------------------------------------------- report
-def finished(root: str, folder: str) -> list:
+def finished(root: str, folder: str, also_unfinished: bool = False) -> list:
+    """The jobs of a run folder that finished (and, with also_unfinished, those stopped early with a log)."""
     path = os.path.join(root, folder)
-    return [p for p in load_run(path, path) if p.final is not None] if os.path.isdir(path) else []
+    pairs = load_run(path, path) if os.path.isdir(path) else []
+    return [p for p in pairs if p.final is not None or (also_unfinished and p.log)]
 
 
 def first_step_above(log: list, level: float):
@@ -123,12 +125,15 @@ def report_grokfast(root: str, figures: str) -> dict:
     for i, (name, label) in enumerate((("baseline", "baseline (Adam, wd 0)"),
                                        ("ema", "Grokfast-EMA (alpha 0.98, lamb 2, wd 0.005)"),
                                        ("ma", "Grokfast-MA (window 100, lamb 5, wd 0.01)"))):
-        pairs = finished(root, f"grokfast2024_{name}")
+        pairs = finished(root, f"grokfast2024_{name}", also_unfinished=True)
         if not pairs:
             continue
         reached = [first_step_above(p.log, 0.95) for p in pairs]
-        out[name] = {"reached": reached, "budget": max(p.log[-1]["step"] for p in pairs),
-                     "seconds": [seconds(p) for p in pairs]}
+        out[name] = {"reached": reached, "last_step": [p.log[-1]["step"] for p in pairs],
+                     "last_val_acc": [p.log[-1]["val_acc"] for p in pairs],
+                     "max_val_acc": [max(r["val_acc"] for r in p.log) for p in pairs],
+                     "finished": [p.final is not None for p in pairs],
+                     "seconds": [seconds(p) if p.final is not None else None for p in pairs]}
         for j, p in enumerate(pairs):
             steps = [r["step"] for r in p.log]
             plt.plot(steps, [r["val_acc"] for r in p.log], color=f"C{i}", linewidth=1,
