@@ -160,13 +160,14 @@ def report_power(root: str, figures: str) -> dict:
     for i, op in enumerate(POWER_OPS.split(",")):
         xs, ys, missed = [], [], []
         for f in POWER_FRACTIONS:
-            pairs = [p for p in finished(root, f"power2022_frac{f}") if p.op == op]
+            pairs = [p for p in finished(root, f"power2022_frac{f}", also_unfinished=True) if p.op == op]
             if not pairs:
                 continue
             p = pairs[0]
-            step = p.grok_step
-            out[(op, f)] = {"step": step, "budget": p.log[-1]["step"] if step is None else None,
-                            "final_val_acc": p.log[-1]["val_acc"], "seconds": seconds(p)}
+            step = first_step_above(p.log, 0.99)
+            out[(op, f)] = {"step": step, "last_step": p.log[-1]["step"], "finished": p.final is not None,
+                            "final_val_acc": p.log[-1]["val_acc"],
+                            "seconds": seconds(p) if p.final is not None else None}
             (xs if step is not None else missed).append(f)
             if step is not None:
                 ys.append(step)
@@ -194,7 +195,7 @@ def report_prieto(root: str, figures: str) -> dict:
     out = {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, name in enumerate(("softmax", "stablemax", "perp_adamw")):
-        pairs = finished(root, f"prieto2025_{name}")
+        pairs = finished(root, f"prieto2025_{name}", also_unfinished=True)
         if not pairs:
             continue
         p = pairs[0]
@@ -204,9 +205,11 @@ def report_prieto(root: str, figures: str) -> dict:
         if collapse:
             axes[1].plot(*zip(*collapse), color=f"C{i}", label=name)
         out[name] = {"final_val_acc": p.log[-1]["val_acc"], "final_train_acc": p.log[-1]["train_acc"],
-                     "grok_step": p.grok_step, "max_collapse": max((c for _, c in collapse), default=None),
-                     "final_collapse": collapse[-1][1] if collapse else None, "seconds": seconds(p),
-                     "steps": p.log[-1]["step"]}
+                     "grok_step": first_step_above(p.log, 0.99),
+                     "max_collapse": max((c for _, c in collapse), default=None),
+                     "final_collapse": collapse[-1][1] if collapse else None,
+                     "seconds": seconds(p) if p.final is not None else None, "steps": p.log[-1]["step"],
+                     "finished": p.final is not None}
     if not out:
         plt.close(fig)
         return out
