@@ -33,7 +33,7 @@ POWER_FRACTIONS = (0.3, 0.4, 0.5, 0.7)
 POWER_OPS = "x_div_y,x2_xy_y2"
 POWER_BUDGET = 2000  # the paper's is 10^5 updates
 GROKFAST_BASELINE_BUDGET = 15_000  # the paper's baseline reaches 95% at 39,890
-PRIETO_STEPS = 2000  # the paper's transformer runs: 5,000 full-batch epochs
+PRIETO_STEPS = 1000  # the paper's transformer runs: 5,000 full-batch epochs
 
 # run folder (under --root) -> experiment.py flags; grouped by preset
 EXPERIMENTS = {
