@@ -258,7 +258,7 @@ def test_findings_block_fits_a_prompt_for_six_runs_of_four_ops():
     from test_leadlag import pair, sigmoid
 
     by_op, rows_by, leadlag, figures = {}, {}, [], []
-    for op in E.OPS:
+    for op in E.Config().ops:  # the template's four
         for r in range(6):
             run = f"run_{r}"
             pairs = []
