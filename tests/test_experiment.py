@@ -178,7 +178,7 @@ def test_a_training_process_that_dies_is_named_and_finished_pairs_stay(tmp_path)
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--ops=x_times_y"], "unknown op"),
+    (["--ops=x_pow_y"], "unknown op"),
     (["--p=2"], "at least 3"),
     (["--p=91", "--ops=x_div_y"], "not prime"),
     (["--train_frac=1.0"], "between 0 and 1"),
