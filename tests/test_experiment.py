@@ -185,7 +185,7 @@ def test_a_training_process_that_dies_is_named_and_finished_pairs_stay(tmp_path)
     (["--train_frac=0"], "between 0 and 1"),
     (["--steps=0"], "--steps"),
     (["--seeds=0"], "--seeds"),
-    (["--batch_size=0"], "--batch_size"),
+    (["--batch_size=-1"], "--batch_size"),
     (["--steps=ten"], "invalid"),
     (["--lr=fast"], "invalid"),
     (["--no_such_flag=1"], "unrecognized"),
