@@ -22,8 +22,6 @@ def validate(cfg, E) -> None:
     """Raise UsageError naming the first problem in cfg. Creates nothing. Plugin files are loaded first: they may
     add entries to experiment.py's registries (an op, a model, a loss)."""
     E.plugin_classes(cfg)  # raises UsageError for an unknown plugin or a broken plugin file
-    if cfg.preset not in E.PRESETS:
-        raise UsageError(f"--preset={cfg.preset}: choose from {','.join(E.PRESETS)}")
     bad = [op for op in cfg.ops if op not in E.OPS]
     if bad or not cfg.ops:
         raise UsageError(f"unknown op {','.join(bad) or '(none)'}: choose from {','.join(E.OPS)}")

@@ -1,37 +1,27 @@
 """Nanda et al. 2023's progress measures as the paper computes them: the key frequencies are taken once, from the
 final model, and restricted and excluded loss are recomputed with them at every checkpoint the run kept
 (--checkpoint_every). The measures plugin's restricted_loss / excluded_loss choose their key frequencies anew at
-each step instead; both are reported, under different names (docs/analysis.md, "Two definitions").
+each step instead; both are reported, under different names (docs/presets.md, "Two definitions").
 
 `E` below is the experiment module (experiment.py): its Config, ops and models.
 """
 
+import dataclasses
 import os
 
 import numpy as np
 import torch
+from safetensors.torch import load_model as load_weights
 
 from lab import measures as M
-from lab.analysis import read_log
+from lab.analysis import completion, read_examples, read_log
 from lab.cli import config_from_dict
 from lab.files import read_json, write_json
 from lab.ops import cyclic_coordinates
-from lab.runner import checkpoints, load_model, load_task
-from lab.schema import CONFIG, EXAMPLES, FINAL_KEYS, LOG, MEASURES, MODEL, Job, job_dir
+from lab.runner import checkpoints, load_model
+from lab.schema import CHECKPOINTS, CONFIG, FINAL_KEYS, LOG, MEASURES, MODEL, Job, job_dir
 
 FINAL_KEYS_VERSION = 1  # bump when the computation below changes
-
-
-def _logits(model, task) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(task.x).float()  # (n_pairs, n_classes)
-
-
-def _is_train(folder: str) -> np.ndarray:
-    import pyarrow.parquet as pq
-
-    split = pq.read_table(os.path.join(folder, EXAMPLES), columns=["split"]).column("split").to_pylist()
-    return np.asarray(split) == "train"
 
 
 def final_key_progress(E, run_dir: str, job: Job) -> dict | None:
@@ -56,17 +46,20 @@ def final_key_progress(E, run_dir: str, job: Job) -> dict | None:
         if cached.get("stamp") == stamp:
             return cached
     cfg = config_from_dict(E.Config, read_json(os.path.join(run_dir, CONFIG)))
-    task = load_task(E, run_dir, job.op)
+    cfg = dataclasses.replace(cfg, **dict(job.overrides))
+    task = E.task_of(cfg, job.op)
     cyclic = cyclic_coordinates(task, E.OPS[job.op])
     if cyclic is None:
         return None
     rows, i, j, m, sign, _ = cyclic
     basis = M.FourierBasis(i, j, m, sign)
-    is_train = torch.from_numpy(_is_train(folder))
+    is_train = torch.from_numpy(read_examples(folder)[1])
     loss = E.LOSSES[cfg.loss]
     y = task.y
 
-    def measure(logits, key):
+    def measure(key):
+        with torch.inference_mode():
+            logits = model(task.x).float()  # (n_pairs, n_classes)
         nanda = M.fourier_progress(logits[rows], y[rows], is_train[rows], basis, cfg.fourier_topk, loss, key=key)
         train, test = is_train, ~is_train
         right = logits.argmax(-1) == y
@@ -75,16 +68,15 @@ def final_key_progress(E, run_dir: str, job: Job) -> dict | None:
                 "restricted_loss": nanda["restricted_loss"], "excluded_loss": nanda["excluded_loss"],
                 "logit_key_frac": nanda["logit_key_frac"]}, nanda
 
-    final_logits = _logits(load_model(E, run_dir, job.op, job.seed, job=job), task)
-    _, final = measure(final_logits, None)
-    key = final["key_index"]
+    model = load_model(E, run_dir, job.op, job.seed, job=job)
+    final_row, final = measure(None)  # its own top-k: the final key frequencies
     out = []
-    for step, name in saved:
-        row, _ = measure(_logits(load_model(E, run_dir, job.op, job.seed, checkpoint=name, job=job), task), key)
-        out.append({"step": step, **row})
+    for step, name in saved:  # the same model object, each checkpoint's weights in turn
+        load_weights(model, os.path.join(folder, CHECKPOINTS, name))
+        out.append({"step": step, **measure(final["key_index"])[0]})
     last_step = read_log(os.path.join(folder, LOG))[-1]["step"]
     if out[-1]["step"] != last_step:
-        out.append({"step": last_step, **measure(final_logits, key)[0]})
+        out.append({"step": last_step, **final_row})
     result = {"stamp": stamp, "key_freqs": final["key_freqs"], "key_shares": final["key_shares"],
               "definition": "key frequencies of the final model's logits (top fourier_topk by power), fixed over "
                             "the run", "rows": out}
@@ -94,8 +86,6 @@ def final_key_progress(E, run_dir: str, job: Job) -> dict | None:
 
 def _log_completion(steps, losses, start: int, half_width: float):
     """t10, t50, t90 of log10(loss) from `start` (analysis.completion), or None when it does not change."""
-    from lab.analysis import completion
-
     found = completion(np.asarray(steps), np.log10(np.maximum(np.asarray(losses, dtype=float), 1e-30)), start,
                        half_width)
     return None if found is None else found[0]

@@ -273,9 +273,10 @@ def write_leadlag(rows: list, out_dir: str) -> None:
 
 # ----------------------------------------------------------------------------- Nanda et al.'s definition
 FINAL_KEY_COLUMNS = ["run", "op", "seed", "key_freqs", "n_key_freqs", "key_shares", "memorisation_end",
-                     "test_loss_peak", "circuit_formation_end", "cleanup_end", "test_loss_t50", "t50_restricted_loss_final", "lead_restricted_loss_final",
-                     "t50_excluded_loss_final", "lead_excluded_loss_final", "t50_restricted_loss_per_step",
-                     "lead_restricted_loss_per_step", "t50_excluded_loss_per_step", "lead_excluded_loss_per_step"]
+                     "test_loss_peak", "circuit_formation_end", "cleanup_end", "test_loss_t50",
+                     "t50_restricted_loss_final", "lead_restricted_loss_final", "t50_excluded_loss_final",
+                     "lead_excluded_loss_final", "t50_restricted_loss_per_step", "lead_restricted_loss_per_step",
+                     "t50_excluded_loss_per_step", "lead_excluded_loss_per_step"]
 
 
 def final_key_rows(pairs: list, pool) -> list:
@@ -404,14 +405,17 @@ def main(P, args) -> int:
     figures, jobs = [], {}
     with ProcessPoolExecutor(args.workers or cores, mp_context=get_context("fork"),
                              initializer=_limit_threads) as pool:
-        for (run, op), p in shown.items():
-            key = inputs_key(P, settings, [p], "representations")
-            cached = drawn.get(f"representations/{run}/{op}", key)
+        def draw(name: str, key: str, function, *arguments) -> None:
+            """The cached figures of `name` when its key still matches, else function(*arguments) in the pool."""
+            cached = drawn.get(name, key)
             if cached is None:
-                jobs[f"representations/{run}/{op}"] = (key, pool.submit(P.representation_figures, p, settings,
-                                                                          args.out_dir))
+                jobs[name] = (key, pool.submit(function, *arguments))
             else:
-                figures += cached
+                figures.extend(cached)
+
+        for (run, op), p in shown.items():
+            draw(f"representations/{run}/{op}", inputs_key(P, settings, [p], "representations"),
+                 P.representation_figures, p, settings, args.out_dir)
         # Pairs with a measures.jsonl have every metric densely from training; the others get them from snapshots.
         metric_jobs = [(p, pool.submit(pair_metrics, p, settings, cache_dir)) for p in with_snaps
                        if not os.path.exists(os.path.join(p.folder, MEASURES))]
@@ -443,42 +447,25 @@ def main(P, args) -> int:
                 warn(f"lead-lag of {run} {op} skipped ({type(e).__name__}: {e})")
                 made, left_out[(run, op)] = [], []
             leadlag += made
-            key = settings_key(settings, "progress", found, inputs_key(P, settings, by_op[op][run]))
-            cached = drawn.get(f"progress/{run}/{op}", key)
-            if cached is None:
-                jobs[f"progress/{run}/{op}"] = (key, pool.submit(P.progress_figure, run, op, by_op[op][run], found,
-                                                                 made, args.out_dir))
-            else:
-                figures += cached
+            draw(f"progress/{run}/{op}", settings_key(settings, "progress", found,
+                                                      inputs_key(P, settings, by_op[op][run])),
+                 P.progress_figure, run, op, by_op[op][run], found, made, args.out_dir)
         for (run, op) in dict.fromkeys((k["run"], k["op"]) for k in key_rows):
             mine = [k for k in key_rows if k["run"] == run and k["op"] == op]
-            key = settings_key(settings, "final_keys", mine, inputs_key(P, settings, by_op[op][run]))
-            cached = drawn.get(f"final_keys/{run}/{op}", key)
-            if cached is None:
-                jobs[f"final_keys/{run}/{op}"] = (key, pool.submit(P.final_keys_figure, run, op, by_op[op][run], mine,
-                                                                   args.out_dir))
-            else:
-                figures += cached
+            draw(f"final_keys/{run}/{op}", settings_key(settings, "final_keys", mine,
+                                                        inputs_key(P, settings, by_op[op][run])),
+                 P.final_keys_figure, run, op, by_op[op][run], mine, args.out_dir)
         for (run, op), found in rows_by.items():
-            key = settings_key(settings, "plugins", found, inputs_key(P, settings, by_op[op][run]))
-            cached = drawn.get(f"plugins/{run}/{op}", key)
-            if cached is None:
-                mine = [r for r in found if r["layer"] in ("model", "embedding")]
-                jobs[f"plugins/{run}/{op}"] = (key, pool.submit(P.plugin_figures, run, op, by_op[op][run], mine,
-                                                                args.out_dir))
-            else:
-                figures += cached
+            model_rows = [r for r in found if r["layer"] in ("model", "embedding")]
+            draw(f"plugins/{run}/{op}", settings_key(settings, "plugins", found,
+                                                     inputs_key(P, settings, by_op[op][run])),
+                 P.plugin_figures, run, op, by_op[op][run], model_rows, args.out_dir)
         for (run, op), found in rows_by.items():
             found = [r for r in found if r["layer"] in LAYERS]
-            if not found:
-                continue
-            key = settings_key(settings, "metrics", found, inputs_key(P, settings, by_op[op][run]))
-            cached = drawn.get(f"metrics/{run}/{op}", key)
-            if cached is None:
-                jobs[f"metrics/{run}/{op}"] = (key, pool.submit(P.metric_figures, run, op, by_op[op][run], found,
-                                                                args.out_dir))
-            else:
-                figures += cached
+            if found:
+                draw(f"metrics/{run}/{op}", settings_key(settings, "metrics", found,
+                                                         inputs_key(P, settings, by_op[op][run])),
+                     P.metric_figures, run, op, by_op[op][run], found, args.out_dir)
         for name, (key, job) in jobs.items():
             try:
                 made = job.result()

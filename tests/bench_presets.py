@@ -9,9 +9,7 @@ plugins included, is timed by tests/reproduce.py (train_seconds in each run.json
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -19,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import experiment as E  # noqa: E402
 from bench_plot import cpu_description  # noqa: E402
+from bench_speed import median_time  # noqa: E402
 from lab import cli  # noqa: E402
 
 
@@ -40,15 +39,7 @@ def step_time(cfg, shared_prefix: bool, repeats: int, inner: int) -> float:
         loss.backward()
         optimizer.step()
 
-    for _ in range(max(1, inner // 4)):
-        update()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            update()
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
+    return median_time(update, repeats, inner)
 
 
 def main():
