@@ -56,6 +56,7 @@ class Config:
     preset: str = "ais2024"  # a reference setup (PRESETS): its values replace these defaults; flags replace both
     ops: tuple[str, ...] = ("x_div_y", "x_minus_y", "x_plus_y", "permutation")  # comma-separated names of OPS
     seeds: int = 3  # seeds per op: 0 .. seeds-1
+    sweep: str = ""  # a grid of runs, e.g. "train_frac=0.3,0.5 weight_decay=0.1,1": each cell a run folder in out_dir
     p: int = 97  # modulus of the modular ops (prime when x_div_y is run)
     perm_k: int = 5  # permutation op: the group S_k
     train_frac: float = 0.5  # share of all pairs used for training

@@ -90,6 +90,10 @@ def validate(cfg, E) -> None:
     with torch.random.fork_rng(devices=[]):  # the model contract, once per op, before anything is written
         for op in cfg.ops:
             E.build_model(cfg, E.task_of(cfg, op))
+    if cfg.sweep:
+        from lab import sweep
+
+        sweep.check(cfg, E, validate)
 
 
 def _parse_bool(text: str) -> bool:
@@ -157,7 +161,8 @@ def parse_args(E, argv=None):
         cfg = resolve(E, vars(parser.parse_args(argv)))
         validate(cfg, E)
     except UsageError as e:
-        print(f"experiment.py: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # a sweep's bad values: one line each
+            print(f"experiment.py: error: {line}", file=sys.stderr)
         raise SystemExit(2)
     return cfg
 

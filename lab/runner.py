@@ -19,7 +19,9 @@ import torch
 from lab.cli import RUNTIME_FIELDS, config_dict, config_from_dict, parse_args
 from lab.files import atomic_write, read_json, remove_partials, write_json, write_jsonl
 from lab.plugins import PluginError, UsageError
-from lab.schema import CHECKPOINTS, CONFIG, FINAL_INFO, LOG, MODEL, RUN, Job, final_info_file, job_dir
+from lab import sweep
+from lab.schema import (CHECKPOINTS, CONFIG, FINAL_INFO, LOG, MODEL, RUN, SWEEP, Job, cell_name, final_info_file,
+                        job_dir)
 
 
 class WorkerError(Exception):
@@ -126,32 +128,39 @@ def checkpoints(run_dir: str, job: Job) -> list[tuple[int, str]]:
 
 # ----------------------------------------------------------------------------- out_dir, resume
 def jobs_of(cfg) -> list:
-    """Every job of a run, in order: each op's seeds 0 .. seeds-1."""
-    return [Job(op, seed) for op in cfg.ops for seed in range(cfg.seeds)]
+    """Every job of a run, in order: each op's seeds 0 .. seeds-1 (of each sweep cell, cell by cell)."""
+    return [Job(op, seed, cell) for cell in sweep.cells(cfg) for op in cfg.ops for seed in range(cfg.seeds)]
 
 
 def prepare_out_dir(cfg, E) -> list:
     """Check a saved config, clean up a killed run, and return the jobs still to train. A field missing from a
-    saved config (a run made before that field existed) counts as its default."""
+    saved config (a run made before that field existed) counts as its default. A sweep's own config.json may
+    list other cells (a sweep grown or cut: finished cells are kept); each cell is then prepared as a run."""
     saved_path = os.path.join(cfg.out_dir, CONFIG)
+    ignored = RUNTIME_FIELDS + (("sweep",) if cfg.sweep else ())
     if os.path.exists(saved_path):
         saved = read_json(saved_path)
         now, defaults = config_dict(cfg), config_dict(E.Config())
         changed = sorted(k for k in set(saved) | set(now)
-                         if k not in RUNTIME_FIELDS and saved.get(k, defaults.get(k)) != now.get(k))
+                         if k not in ignored and saved.get(k, defaults.get(k)) != now.get(k))
         if changed and not cfg.overwrite:
             raise UsageError(f"{cfg.out_dir} holds results of another config (differs in {', '.join(changed)}); "
                              "pass --overwrite to discard them or choose another --out_dir")
         if changed:
             for name in os.listdir(cfg.out_dir):
                 path = os.path.join(cfg.out_dir, name)
-                if name.startswith("final_info") or name.startswith("all_results") or name == CONFIG:
+                if name.startswith("final_info") or name.startswith("all_results") or name in (CONFIG, SWEEP):
                     os.remove(path)
-                elif os.path.isdir(path) and any(name.startswith(f"{op}_") for op in E.OPS):
-                    shutil.rmtree(path)
+                elif os.path.isdir(path) and (any(name.startswith(f"{op}_") for op in E.OPS)
+                                              or "=" in name and os.path.exists(os.path.join(path, CONFIG))):
+                    shutil.rmtree(path)  # an (op, seed) folder or a sweep cell
     os.makedirs(cfg.out_dir, exist_ok=True)
     remove_partials(cfg.out_dir)
     write_json(saved_path, config_dict(cfg))
+    if cfg.sweep:
+        sweep.write_sweep_json(cfg, os.path.join(cfg.out_dir, SWEEP))
+        for cell in sweep.cells(cfg):
+            prepare_out_dir(sweep.cell_config(cfg, cell), E)
     return [job for job in jobs_of(cfg) if not os.path.exists(final_info_file(cfg.out_dir, job))]
 
 
@@ -360,7 +369,7 @@ def main(E, cfg) -> dict:
 def _main_locked(E, cfg) -> dict:
     todo = prepare_out_dir(cfg, E)
     workers, threads = resolved_workers(cfg, max(1, len(todo)))
-    progress = Progress(cfg, cfg.steps * len(todo))
+    progress = Progress(cfg, sum(dataclasses.replace(cfg, **dict(job.overrides)).steps for job in todo))
     for job in jobs_of(cfg):
         if job not in todo:
             progress.line(f"{label(job)}: already finished in {cfg.out_dir}, skipped")
@@ -372,6 +381,21 @@ def _main_locked(E, cfg) -> dict:
     finally:
         progress.close()
 
+    if not cfg.sweep:
+        results = write_results(cfg)
+    else:  # the template's schema over the whole sweep: one entry per (op, cell), for harnesses that read it
+        results = {}
+        for cell in sweep.cells(cfg):
+            for op, block in write_results(sweep.cell_config(cfg, cell)).items():
+                results[f"{op}__{cell_name(cell)}"] = block
+        write_json(os.path.join(cfg.out_dir, FINAL_INFO), results)
+    progress.line(f"finished in {time.perf_counter() - start:.0f}s: {os.path.join(cfg.out_dir, FINAL_INFO)}")
+    return results
+
+
+def write_results(cfg) -> dict:
+    """A finished run folder's final_info.json (per op: means, stderrs, per-seed lists) and the template's
+    all_results files. Returns final_info.json's content."""
     results, all_results = {}, {}
     for op in cfg.ops:
         infos = []
@@ -395,7 +419,6 @@ def _main_locked(E, cfg) -> dict:
 
     atomic_write(os.path.join(cfg.out_dir, "all_results.npy"), write_npy)
     write_json(os.path.join(cfg.out_dir, FINAL_INFO), results)
-    progress.line(f"finished in {time.perf_counter() - start:.0f}s: {os.path.join(cfg.out_dir, FINAL_INFO)}")
     return results
 
 

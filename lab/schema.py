@@ -13,6 +13,7 @@ MODEL = "model.safetensors"  # per job: the final weights
 FINAL_KEYS = "final_keys.json"  # per job, derived by plot.py from checkpoints/ (lab/progress.py)
 CHECKPOINTS = "checkpoints"  # per job, with --checkpoint_every: step_{step:07d}.safetensors
 RUN = "run.json"  # per job: seeds, timings, device
+SWEEP = "sweep.json"  # out_dir/sweep.json of a sweep: its fields, values and cells (each a run folder)
 ACTIVATIONS = "activations"  # per job: snapshot folder, with index.json
 INDEX = "index.json"
 
@@ -20,7 +21,7 @@ INDEX = "index.json"
 @dataclass(frozen=True)
 class Job:
     """One model to train: an op, a seed, and Config overrides ((field, value), ...) for what differs from the
-    run's Config (a sweep cell, say). Today's runs have no overrides."""
+    run's Config: a sweep cell's values, in the sweep's order."""
 
     op: str
     seed: int
@@ -32,18 +33,27 @@ class Job:
 
 
 def job_name(op: str, seed: int, overrides: tuple = ()) -> str:
-    """The one naming of a job, for its folder and its final_info file: x_plus_y_0, or with overrides
-    x_plus_y_0__lr=0.003__weight_decay=1."""
-    return "__".join([f"{op}_{seed}", *(f"{field}={value}" for field, value in sorted(overrides))])
+    """The one naming of a job: x_plus_y_0, or with overrides x_plus_y_0__train_frac=0.3__weight_decay=1.0."""
+    return "__".join([f"{op}_{seed}", *(f"{field}={value}" for field, value in overrides)])
+
+
+def cell_name(overrides: tuple) -> str:
+    """A sweep cell's folder: train_frac=0.3__weight_decay=1.0 (its values in the sweep's order)."""
+    return "__".join(f"{field}={value}" for field, value in overrides)
+
+
+def run_dir_of(out_dir: str, job: Job) -> str:
+    """The run folder that holds a job: out_dir, or its sweep cell's folder out_dir/{cell_name}."""
+    return os.path.join(out_dir, cell_name(job.overrides)) if job.overrides else out_dir
 
 
 def job_dir(out_dir: str, job: Job) -> str:
-    return os.path.join(out_dir, job.name)
+    return os.path.join(run_dir_of(out_dir, job), f"{job.op}_{job.seed}")
 
 
 def final_info_file(out_dir: str, job: Job) -> str:
     """Written last for a job: its presence marks the job finished."""
-    return os.path.join(out_dir, f"final_info_{job.name}.json")
+    return os.path.join(run_dir_of(out_dir, job), f"final_info_{job.op}_{job.seed}.json")
 
 
 # ----------------------------------------------------------------------------- thresholds

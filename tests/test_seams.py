@@ -12,7 +12,7 @@ import torch.nn as nn
 import experiment as E
 from lab.files import read_json
 from lab.plugins import Plugin, PluginHooks, UsageError
-from lab.schema import Job, job_name
+from lab.schema import Job, job_dir, job_name
 from conftest import ROOT, run_script
 
 SMALL = dict(ops=("x_plus_y",), seeds=1, p=11, steps=30, batch_size=32, d_model=32, eval_every=10, capture_every=10,
@@ -185,12 +185,15 @@ def test_a_broken_model_is_refused_before_anything_is_written(tmp_path):
 
 def test_job_keys_name_one_folder_and_apply_their_overrides(tmp_path):
     assert job_name("x_plus_y", 0) == Job("x_plus_y", 0).name == "x_plus_y_0"  # today's layout
+    assert job_dir("run", Job("x_plus_y", 0)) == os.path.join("run", "x_plus_y_0")
     job = Job("x_plus_y", 1, (("weight_decay", 0.1), ("lr", 0.0)))
-    assert job.name == "x_plus_y_1__lr=0.0__weight_decay=0.1"
+    assert job.name == "x_plus_y_1__weight_decay=0.1__lr=0.0"
     train(tmp_path, job=job, capture=False, measure=False)
-    assert {r["lr"] for r in log_of(tmp_path, job.name)} == {0.0}  # the override, not Config's 1e-3
-    assert (tmp_path / f"final_info_{job.name}.json").exists()
-    assert read_json(tmp_path / job.name / "run.json")["overrides"] == [["weight_decay", 0.1], ["lr", 0.0]]
+    cell = tmp_path / "weight_decay=0.1__lr=0.0"  # a sweep cell's folder, a run folder of its own
+    assert job_dir(str(tmp_path), job) == str(cell / "x_plus_y_1")
+    assert {r["lr"] for r in log_of(cell, "x_plus_y_1")} == {0.0}  # the override, not Config's 1e-3
+    assert (cell / "final_info_x_plus_y_1.json").exists()
+    assert read_json(cell / "x_plus_y_1" / "run.json")["overrides"] == [["weight_decay", 0.1], ["lr", 0.0]]
 
 
 def test_every_hook_is_callable_and_a_no_op_without_plugins():

@@ -1,0 +1,104 @@
+"""Sweeps: a grid of runs over Config fields, `--sweep="train_frac=0.3,0.5 weight_decay=0.1,1"` (fields separated
+by spaces, values by commas), each cell a run folder of its own, out_dir/{cell_name}. Here: parsing, and the
+refusal of bad values before anything is written. lab/runner.py trains every cell's jobs in one pool; plot.py
+draws the phase diagrams (lab/phases.py)."""
+
+import dataclasses
+import itertools
+import os
+import typing
+
+from lab.plugins import UsageError
+from lab.schema import cell_name
+
+# Fields a sweep may not vary, and why: the rest change the trained numbers.
+NOT_SWEPT = {
+    "out_dir": "it is where the sweep goes", "workers": "it changes no number", "overwrite": "it changes no number",
+    "progress": "it changes no number", "sweep": "a sweep cannot hold a sweep",
+    "seeds": "every cell runs seeds 0 .. seeds-1; set --seeds", "ops": "every cell runs every op; set --ops",
+    "preset": "a preset sets many fields; run one sweep per preset (--preset beside --sweep)",
+    "plugins": "set --plugins beside --sweep", "capture": "it changes no trained number",
+    "capture_every": "it changes no trained number", "capture_thresholds": "it changes no trained number",
+    "capture_dtype": "it changes no trained number", "measure": "it changes no trained number",
+    "measure_every": "it changes no trained number", "measure_sparse_every": "it changes no trained number",
+    "measure_dense_after": "it changes no trained number",
+}
+
+
+def parse(text: str, Config) -> list[tuple[str, tuple]]:
+    """[(field, (value, ...)), ...] in the order written. Raises UsageError with one line per problem."""
+    from lab.cli import _flag_type
+
+    hints = typing.get_type_hints(Config)
+    spec, errors = [], []
+    for part in text.split():
+        field, sep, values = part.partition("=")
+        if not sep or not field:
+            errors.append(f"--sweep: {part!r} is not FIELD=VALUE,VALUE,... (fields separated by spaces)")
+            continue
+        if field not in hints:
+            errors.append(f"--sweep: {field} is not a Config field (python experiment.py --help lists them)")
+            continue
+        if field in NOT_SWEPT or typing.get_origin(hints[field]) is tuple:
+            errors.append(f"--sweep: {field} cannot be swept: {NOT_SWEPT.get(field, 'it holds a list')}")
+            continue
+        if field in dict(spec):
+            errors.append(f"--sweep: {field} is given twice; list all its values once: {field}=A,B")
+            continue
+        parsed = []
+        for value in values.split(","):
+            try:
+                parsed.append(_flag_type(hints[field])(value))
+            except (ValueError, TypeError) as e:
+                errors.append(f"--sweep: {field}={value!r} is not a {hints[field].__name__} ({e})")
+        if not values or len(parsed) != len(set(parsed)):
+            errors.append(f"--sweep: {field}={values} must list distinct values, separated by commas")
+        spec.append((field, tuple(parsed)))
+    if not spec and not errors:
+        errors.append(f"--sweep={text!r} names no field; e.g. --sweep=\"train_frac=0.3,0.5 weight_decay=0.1,1\"")
+    if errors:
+        raise UsageError("\n".join(dict.fromkeys(errors)))
+    return spec
+
+
+def cells(cfg) -> list[tuple]:
+    """Every cell of cfg's sweep, ((field, value), ...) in the sweep's order; [()] without a sweep."""
+    if not cfg.sweep:
+        return [()]
+    spec = parse(cfg.sweep, type(cfg))
+    return [tuple(zip([f for f, _ in spec], values)) for values in itertools.product(*(v for _, v in spec))]
+
+
+def cell_config(cfg, cell: tuple):
+    """The resolved Config of one cell: its values, no sweep, out_dir its folder."""
+    return dataclasses.replace(cfg, **dict(cell), sweep="", out_dir=os.path.join(cfg.out_dir, cell_name(cell)))
+
+
+def check(cfg, E, validate) -> None:
+    """Refuse bad sweep values before anything is written: each value alone, then each cell (for combinations
+    such as d_model and n_heads), one line per problem."""
+    spec = parse(cfg.sweep, E.Config)
+    errors = []
+    for field, values in spec:
+        for value in values:
+            try:
+                validate(dataclasses.replace(cfg, sweep="", **{field: value}), E)
+            except UsageError as e:
+                errors.append(f"--sweep {field}={value}: {e}")
+    if not errors:
+        for cell in cells(cfg):
+            try:
+                validate(dataclasses.replace(cfg, sweep="", **dict(cell)), E)
+            except UsageError as e:
+                errors.append(f"--sweep cell {cell_name(cell)}: {e}")
+    if errors:
+        raise UsageError("\n".join(dict.fromkeys(errors)))
+
+
+def write_sweep_json(cfg, path: str) -> None:
+    from lab.files import write_json
+
+    spec = parse(cfg.sweep, type(cfg))
+    write_json(path, {"sweep": cfg.sweep, "fields": [f for f, _ in spec], "values": {f: list(v) for f, v in spec},
+                      "ops": list(cfg.ops), "seeds": cfg.seeds,
+                      "cells": [{"name": cell_name(c), "values": dict(c)} for c in cells(cfg)]})
