@@ -559,6 +559,155 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
                    "with the leads (mean ± stderr, seeds leading) beside it.")]
 
 
+PHASE_COLORS = {"no fit": "#9e9e9e", "memorise": "#d62728", "grok": "#1f77b4", "fit": "#2ca02c", "mixed": "#f2c14e"}
+PHASE_STATS = [("share_grokked", "share of seeds that grokked", "viridis", "{:.2f}"),
+               ("grok_step_mean", "grokking step (seeds that grokked)", "magma_r", "{:.0f}"),
+               ("delay_mean", "memorisation-to-grokking delay (steps)", "magma_r", "{:.0f}"),
+               ("final_val_acc_mean", "final val accuracy", "viridis", "{:.2f}")]
+
+
+def _phase_grids(sweep: dict, cells: list):
+    """(suffix, title, x field, x values, y field or None, y values, {(x, y): cell row}) per figure: the first
+    two fields are the axes, one figure per combination of any further fields."""
+    import itertools
+
+    fields, values = sweep["fields"], sweep["values"]
+    x, y = fields[0], fields[1] if len(fields) > 1 else None
+    rest = fields[2:]
+    for combo in itertools.product(*(values[f] for f in rest)):
+        fixed = dict(zip(rest, combo))
+        mine = {(c[x], c[y] if y else None): c for c in cells if all(c[f] == v for f, v in fixed.items())}
+        suffix = "".join(f"_{f}={v}" for f, v in fixed.items())
+        yield suffix, ", ".join(f"{f}={v}" for f, v in fixed.items()), x, values[x], y, values[y] if y else [None], mine
+
+
+def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
+    """A sweep's phase diagram of one op: the phase of every cell (phase_map_*) and four heatmaps (phase_stats_*),
+    each cell annotated with its number and n; a 1-D sweep gives lines with stderr bands."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from lab.phases import GROK_DELAY_RATIO, PHASES
+
+    run, written = sweep["run"], []
+    rule = (f"phase of a seed: no fit (train acc never >= 0.99), memorise (val acc never > 0.99), grok (val acc > "
+            f"0.99 at least {GROK_DELAY_RATIO:g}x the memorisation step after memorisation), fit (sooner); of a "
+            "cell: that of more than half its seeds, else mixed")
+    for suffix, fixed, x, xs, y, ys, grid in _phase_grids(sweep, cells):
+        name = f"{run}_{op}{suffix}".replace(os.sep, "_")
+        fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 0.9 * len(ys) + 2.2))
+        image = np.full((len(ys), len(xs)), np.nan)
+        for (i, yv), (j, xv) in ((a, b) for a in enumerate(ys) for b in enumerate(xs)):
+            c = grid.get((xv, yv))
+            if c is None:
+                continue
+            image[i, j] = PHASES.index(c["phase"])
+            step = "" if c["grok_step_mean"] is None else f"\n{c['grok_step_mean']:.0f}"
+            ax.text(j, i, f"{c['phase']}\n{c['grokked']}/{c['n']} grok{step}", ha="center", va="center", fontsize=7)
+        ax.imshow(image, cmap=ListedColormap([PHASE_COLORS[p] for p in PHASES]), vmin=-0.5, vmax=len(PHASES) - 0.5,
+                  origin="lower", aspect="auto")
+        ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+        ax.set_yticks(range(len(ys)), [str(v) for v in ys] if y else [])
+        ax.set_xlabel(x)
+        ax.set_ylabel(y or "")
+        ax.legend(handles=[Patch(color=PHASE_COLORS[p], label=p) for p in PHASES], fontsize=7,
+                  bbox_to_anchor=(1.01, 1), loc="upper left")
+        ax.set_title(f"Phases of {op}, sweep {run}{' (' + fixed + ')' if fixed else ''}: seeds grokked / n, mean "
+                     "grokking step\n" + "\n".join(_wrap(rule, 95)), fontsize=8)
+        path = os.path.join(out_dir, f"phase_map_{name}.png")
+        save(fig, path)
+        written.append((path, f"Phase diagram of {op} over {x}{' x ' + y if y else ''} (sweep {run}): each cell "
+                              f"coloured by its phase, annotated with seeds grokked / n and the mean grokking step; "
+                              f"{rule}."))
+        fig, axes = plt.subplots(2, 2, figsize=(2 * (1.2 * len(xs) + 2), 2 * (0.8 * len(ys) + 1.6)) if y
+                                 else (10, 6.5))
+        for ax, (key, title, cmap, fmt) in zip(axes.flat, PHASE_STATS):
+            if y is None:  # 1-D: mean with a stderr band against the field
+                found = [(xv, grid[(xv, None)]) for xv in xs if (xv, None) in grid and grid[(xv, None)][key] is not None]
+                if found:
+                    xv, mean = np.array([f[0] for f in found], float), np.array([f[1][key] for f in found], float)
+                    err = np.array([f[1].get(key.replace("_mean", "_stderr")) or 0 for f in found], float)
+                    ax.plot(xv, mean, marker="o")
+                    ax.fill_between(xv, mean - err, mean + err, alpha=0.25)
+                    for v, m, f in zip(xv, mean, found):
+                        ax.annotate(f"n={f[1]['grokked'] if 'grok' in key or 'delay' in key else f[1]['n']}",
+                                    (v, m), fontsize=6, textcoords="offset points", xytext=(0, 5))
+                ax.set_xlabel(x)
+                ax.set_title(title + " (mean ± stderr)", fontsize=8)
+                ax.grid(alpha=0.3)
+                continue
+            image = np.full((len(ys), len(xs)), np.nan)
+            for (i, yv), (j, xv) in ((a, b) for a in enumerate(ys) for b in enumerate(xs)):
+                c = grid.get((xv, yv))
+                if c is None or c[key] is None:
+                    continue
+                image[i, j] = c[key]
+                n = c["grokked"] if key in ("grok_step_mean", "delay_mean") else c["n"]
+                ax.text(j, i, f"{fmt.format(c[key])}\nn={n}", ha="center", va="center", fontsize=7,
+                        color="white" if key == "share_grokked" and c[key] < 0.5 else "black")
+            mesh = ax.imshow(image, cmap=cmap, origin="lower", aspect="auto",
+                             **({"vmin": 0, "vmax": 1} if key in ("share_grokked", "final_val_acc_mean") else {}))
+            fig.colorbar(mesh, ax=ax, fraction=0.05)
+            ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+            ax.set_yticks(range(len(ys)), [str(v) for v in ys])
+            ax.set_xlabel(x)
+            ax.set_ylabel(y)
+            ax.set_title(title, fontsize=8)
+        fig.suptitle(f"{op}, sweep {run}{' (' + fixed + ')' if fixed else ''}: per cell over its seeds (n: seeds "
+                     "the number is over; blank: none)", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"phase_stats_{name}.png")
+        save(fig, path)
+        written.append((path, f"Per cell of sweep {run}, {op}: share of seeds that grokked, mean grokking step and "
+                              "memorisation-to-grokking delay (over the seeds that grokked), final val accuracy; "
+                              "each cell annotated with its value and n."))
+    return written
+
+
+def _wrap(text: str, width: int) -> list:
+    import textwrap
+
+    return textwrap.wrap(text, width)
+
+
+def earlywarning_figure(run: str, table: list, out_dir: str) -> list:
+    """Every measure's held-out hit rate and false-alarm rate, ranked by their difference, and its lead."""
+    from lab.phases import HALF
+
+    table = [t for t in table if not math.isnan(t["score"])]
+    if not table:
+        return []
+    height = 1.8 + 0.22 * len(table)
+    fig, (rates, leads) = plt.subplots(1, 2, figsize=(12, height), sharey=True, gridspec_kw={"width_ratios": [2, 1.3]})
+    rows = np.arange(len(table))
+    rates.barh(rows - 0.2, [t["hit_rate"] for t in table], height=0.4, color="C0", label="hit rate (grokking runs)")
+    rates.barh(rows + 0.2, [t["false_alarm_rate"] for t in table], height=0.4, color="C3",
+               label="false-alarm rate (runs that never grok)")
+    for i, t in enumerate(table):
+        rates.text(1.02, i, f"J {t['score']:+.2f}", va="center", fontsize=6, transform=rates.get_yaxis_transform())
+    rates.set_yticks(rows, [t["measure"] for t in table], fontsize=7)
+    rates.invert_yaxis()
+    rates.set_xlim(0, 1)
+    rates.set_xlabel("share of held-out runs")
+    rates.legend(fontsize=7, loc="lower right")
+    known = [(i, t) for i, t in enumerate(table) if t["lead_mean"] is not None]
+    leads.errorbar([t["lead_mean"] for _, t in known], [i for i, _ in known],
+                   xerr=[t["lead_stderr"] for _, t in known], fmt="o", markersize=3, color="C0")
+    leads.axvline(0, color="black", linewidth=0.8)
+    leads.set_xlabel(f"alarm's lead over val acc's {HALF:.0%} step\n(grokking runs with an alarm; mean ± stderr)")
+    leads.grid(axis="x", alpha=0.3)
+    first = table[0]
+    fig.suptitle(f"Early warning, sweep {run}: {first['grok_runs']} grokking and {first['never_runs']} never-grokking "
+                 f"runs, each judged with thresholds fitted on the other seeds\nranked by J = hit rate - false-alarm "
+                 "rate (top: best predictor)", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"earlywarning_{run}.png".replace(os.sep, "_"))
+    save(fig, path)
+    return [(path, f"Early warning over sweep {run}: per measure, the share of grokking runs its alarm warns before "
+                   "val accuracy's 50% step and the share of never-grokking runs it alarms in anyway (held-out "
+                   "seeds), ranked by their difference, with the alarm's lead.")]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="", help="comma-separated run folders (default: `labels`, else run_*)")

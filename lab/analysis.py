@@ -78,8 +78,8 @@ def val_acc_at(log: list, step: int) -> float:
     return known[-1] if known else float("nan")
 
 
-def load_run(run_dir: str, name: str) -> list:
-    """Every (op, seed) of a run with whatever it has finished so far."""
+def load_run(run_dir: str, name: str, quiet: bool = False) -> list:
+    """Every (op, seed) of a run with whatever it has finished so far (quiet: no warning for missing snapshots)."""
     try:
         config = read_json(os.path.join(run_dir, CONFIG))
         ops, seeds = config["ops"], config["seeds"]
@@ -120,7 +120,7 @@ def load_run(run_dir: str, name: str) -> list:
                 except (ValueError, KeyError) as e:
                     warn(f"{index_path} is corrupt ({e}); {op} seed {seed} without snapshots")
             pairs.append(pair)
-    if pairs and not any(p.snapshots for p in pairs):
+    if pairs and not quiet and not any(p.snapshots for p in pairs):
         warn(f"{run_dir}: no activation snapshots; learning curves only")
     return pairs
 

@@ -17,7 +17,8 @@ from lab.analysis import (LEADLAG_HALF_WIDTH, PHASES, SPIKE_BELOW, TAIL_SHARE, d
                           phase_values, settings_key, spike_rows, warn)
 from lab.files import atomic_write, read_json, write_json, write_text
 from lab.progress import final_key_progress_of, summary_row
-from lab.schema import CHECKPOINTS, LAYERS, MEASURES, METRIC_SPLITS
+from lab import phases
+from lab.schema import CHECKPOINTS, LAYERS, MEASURES, METRIC_SPLITS, SWEEP
 
 
 def discover_runs(args, labels: dict) -> dict:
@@ -168,6 +169,10 @@ def figure_patterns(figures: list) -> list:
                    "Fourier and RQI against step",
         "fourier": "fourier_{run}_{op}.png: the embedding's Fourier spectrum before/during/after",
         "proj": "proj_{run}_{op}_{layer}.gif: animation through every snapshot (not for LaTeX)",
+        "phase": "phase_map_{run}_{op}.png / phase_stats_{run}_{op}.png: a sweep's phase diagram (each cell's phase) "
+                 "and per-cell heatmaps of share grokked, grokking step, delay, final val acc",
+        "earlywarning": "earlywarning_{run}.png: per measure, held-out hit rate on grokking runs and false-alarm "
+                        "rate on runs that never grok, ranked by their difference, with the alarm's lead",
     }
     lines = []
     for kind, names in sorted(kinds.items()):
@@ -178,7 +183,7 @@ def figure_patterns(figures: list) -> list:
 
 
 def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, figures: list,
-                   limit: int = NOTES_LIMIT, key_rows: list = ()) -> str:
+                   limit: int = NOTES_LIMIT, key_rows: list = (), extra: list = ()) -> str:
     """The block plot.py keeps in notes.txt: per run and op the grokking steps, final val accuracy, the largest
     metric changes and what leads; then every kind of figure. Detail is dropped level by level (lagging measures,
     then the second and third leader and change) until it fits in `limit` characters."""
@@ -210,7 +215,10 @@ def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, f
                  "Full tables: analysis_summary.md (every metric before/during/after, lead-lag tables), metrics.csv "
                  "(every value per step), leadlag.csv (t10/t50/t90 and lead per seed and measure), spikes.csv (spikes "
                  "after grokking per seed). Lead = steps by "
-                 "which a measure's 50% point precedes val accuracy's (memorisation to end of training).", ""]
+                 "which a measure's 50% point precedes val accuracy's (memorisation to end of training). A lead in "
+                 "grokking runs is not a prediction: a measure that moves as much in runs that never grok (the weight "
+                 "norm under weight decay does) leads too; a sweep's earlywarning.csv tests each measure against "
+                 "such runs.", ""]
         for head, changes, leaders, laggers, n in sections:
             line = head
             if changes[:n_changes]:
@@ -221,6 +229,7 @@ def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, f
             if n and laggers[:n_laggers]:
                 line += f" Lags in all {n}: " + "; ".join(laggers[:n_laggers]) + "."
             lines.append(line)
+        lines += list(extra)  # sweeps: phases and the early-warning ranking
         lines += ["", "Figures (at the folder root; every one is listed in analysis_summary.md):"]
         lines += figure_patterns(figures) + [NOTES_END]
         return "\n".join(lines) + "\n"
@@ -381,12 +390,49 @@ def inputs_key(P, settings, pairs: list, *extra) -> str:
     return settings_key(settings, figures_key(P), *extra, inputs)
 
 
+def sweep_outputs(P, run: str, name: str, out_dir: str) -> dict:
+    """A sweep's phase figures (P.phase_figures per op), early-warning figure, table rows (phases.csv,
+    phase_jobs.csv, earlywarning.csv), summary lines and notes.txt lines."""
+    sweep = phases.load_sweep(run, name)
+    jobs = phases.job_rows(sweep)
+    if not jobs:
+        warn(f"sweep {run}: no finished job yet; skipped")
+        return {}
+    cells = phases.cell_rows(sweep, jobs)
+    figures = [f for op in sweep["ops"] for f in P.phase_figures(sweep, op, [c for c in cells if c["op"] == op],
+                                                                    out_dir)]
+    table = []
+    if sweep["seeds"] < 2:
+        warn(f"sweep {run}: early warning needs 2 seeds or more (thresholds are fitted on other seeds); skipped")
+    else:
+        table = phases.warning_rows(sweep, phases.warn_runs(sweep))
+        figures += P.earlywarning_figure(name, table, out_dir)
+    return {"figures": figures, "fields": sweep["fields"], "phases.csv": cells, "phase_jobs.csv": jobs,
+            "earlywarning.csv": table, "markdown": phases.sweep_markdown(sweep, cells, table),
+            "notes": phases.sweep_notes(sweep, cells, table)}
+
+
+def write_sweep_tables(outputs: list, out_dir: str) -> None:
+    """phases.csv (per cell and op), phase_jobs.csv (per job) and earlywarning.csv (per measure), every sweep's."""
+    fields = list(dict.fromkeys(f for o in outputs for f in o["fields"]))
+    for file, columns in (
+            ("phases.csv", ["run", "cell", *fields, "op", "phase", "phases", "n", "grokked", "share_grokked",
+                            "grok_step_mean", "grok_step_stderr", "delay_mean", "delay_stderr", "final_val_acc_mean",
+                            "final_val_acc_stderr"]),
+            ("phase_jobs.csv", ["run", "cell", *fields, "op", "seed", "phase", "memorisation_step", "grok_step",
+                                "delay", "half_step", "final_val_acc"]),
+            ("earlywarning.csv", phases.WARNING_COLUMNS)):
+        write_csv(os.path.join(out_dir, file), columns, [r for o in outputs for r in o[file]])
+
+
 def main(P, args) -> int:
     """Everything plot.py writes: figures (P's functions, in a process pool, cached), metrics.csv/parquet,
     leadlag.csv, spikes.csv, analysis_summary.md and the notes.txt block. Returns the exit code."""
     runs = discover_runs(args, P.labels)
+    sweeps = {run: name for run, name in runs.items() if os.path.exists(os.path.join(run, SWEEP))}
+    runs = {run: name for run, name in runs.items() if run not in sweeps}  # a sweep's cells are analysed as a grid
     pairs = [p for run in runs for p in load_run(run, run)]
-    if not pairs:
+    if not pairs and not sweeps:
         print("plot.py: error: no runs found (no run_* folder with results here; see --runs)", file=sys.stderr)
         return 1
     settings = P.Settings(tsne=not args.no_tsne)
@@ -481,11 +527,26 @@ def main(P, args) -> int:
     write_csv(os.path.join(args.out_dir, "final_keys.csv"), FINAL_KEY_COLUMNS,
               ({k: "" if v is None else round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
                for r in key_rows))
+    outputs = []
+    for run, name in sweeps.items():
+        try:
+            made = sweep_outputs(P, run, name, args.out_dir)
+        except Exception as e:  # a broken sweep must not cost the other runs' analysis
+            warn(f"sweep {run} skipped ({type(e).__name__}: {e})")
+            continue
+        if made:
+            outputs.append(made)
+            figures += made["figures"]
+    if outputs:
+        write_sweep_tables(outputs, args.out_dir)
+    sweep_md = [line for o in outputs for line in o["markdown"]]
+    sweep_notes = [line for o in outputs for line in o["notes"]]
     summary = os.path.join(args.out_dir, "analysis_summary.md")
     write_text(summary, summary_markdown(by_op, runs, rows_by, sorted(figures), leadlag, left_out)
-               + final_keys_markdown(key_rows))
+               + final_keys_markdown(key_rows) + "\n".join(sweep_md))
     if args.notes:
-        update_notes(args.notes, findings_block(by_op, runs, rows_by, leadlag, sorted(figures), key_rows=key_rows))
+        update_notes(args.notes, findings_block(by_op, runs, rows_by, leadlag, sorted(figures), key_rows=key_rows,
+                                                extra=sweep_notes))
     print(f"plot.py: {len(figures)} figures, {len(rows)} metric rows, summary in {summary}", file=sys.stderr)
     return 0
 
