@@ -603,7 +603,8 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
                 continue
             image[i, j] = PHASES.index(c["phase"])
             step = "" if c["grok_step_mean"] is None else f"\n{c['grok_step_mean']:.0f}"
-            ax.text(j, i, f"{c['phase']}\n{c['grokked']}/{c['n']} grok{step}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{c['phase']}\n{c['grokked']}/{c['n']} grok{step}", ha="center", va="center", fontsize=7,
+                    color=_ink(matplotlib.colors.to_rgba(PHASE_COLORS[c["phase"]])))
         ax.imshow(image, cmap=ListedColormap([PHASE_COLORS[p] for p in PHASES]), vmin=-0.5, vmax=len(PHASES) - 0.5,
                   origin="lower", aspect="auto")
         ax.set_xticks(range(len(xs)), [str(v) for v in xs])
@@ -639,14 +640,17 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
             image = np.full((len(ys), len(xs)), np.nan)
             for (i, yv), (j, xv) in ((a, b) for a in enumerate(ys) for b in enumerate(xs)):
                 c = grid.get((xv, yv))
-                if c is None or c[key] is None:
-                    continue
-                image[i, j] = c[key]
-                n = c["grokked"] if key in ("grok_step_mean", "delay_mean") else c["n"]
-                ax.text(j, i, f"{fmt.format(c[key])}\nn={n}", ha="center", va="center", fontsize=7,
-                        color="white" if key == "share_grokked" and c[key] < 0.5 else "black")
+                if c is not None and c[key] is not None:
+                    image[i, j] = c[key]
             mesh = ax.imshow(image, cmap=cmap, origin="lower", aspect="auto",
                              **({"vmin": 0, "vmax": 1} if key in ("share_grokked", "final_val_acc_mean") else {}))
+            for (i, yv), (j, xv) in ((a, b) for a in enumerate(ys) for b in enumerate(xs)):
+                c = grid.get((xv, yv))
+                if c is None or c[key] is None:
+                    continue
+                n = c["grokked"] if key in ("grok_step_mean", "delay_mean") else c["n"]
+                ax.text(j, i, f"{fmt.format(c[key])}\nn={n}", ha="center", va="center", fontsize=7,
+                        color=_ink(mesh.cmap(mesh.norm(c[key]))))
             fig.colorbar(mesh, ax=ax, fraction=0.05)
             ax.set_xticks(range(len(xs)), [str(v) for v in xs])
             ax.set_yticks(range(len(ys)), [str(v) for v in ys])
@@ -662,6 +666,11 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
                               "memorisation-to-grokking delay (over the seeds that grokked), final val accuracy; "
                               "each cell annotated with its value and n."))
     return written
+
+
+def _ink(rgba) -> str:
+    """Black or white text, whichever reads on a cell of this colour."""
+    return "black" if 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5 else "white"
 
 
 def _wrap(text: str, width: int) -> list:
