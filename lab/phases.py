@@ -222,7 +222,7 @@ def earlywarning_table(runs: list, keys: list) -> list:
     """evaluate() for every measure key, best score first (then the longer lead)."""
     table = [{"key": key, **evaluate(runs, key)} for key in keys]
     return sorted(table, key=lambda t: (-(t["score"] if not math.isnan(t["score"]) else -2),
-                                        -(t["lead_mean"] or -1e18)))
+                                        -(t["lead_mean"] if t["lead_mean"] is not None else -1e18)))
 
 
 # ----------------------------------------------------------------------------- reading a sweep, its tables
