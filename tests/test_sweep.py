@@ -177,3 +177,19 @@ def test_early_warning_thresholds_come_from_the_other_seeds():
     result = evaluate(runs, ("model", "all", "before"))
     assert result["hit_rate"] == 0 and result["level"].startswith("-/")
     assert phases.fit([r for r in runs if r.seed == 0], ("model", "all", "before")) is not None
+
+
+def test_an_agent_sets_a_sweep_as_the_default_and_the_harness_reads_it(tmp_path):
+    from test_agent_loop import agent_copy, harness_run_experiment, harness_run_plotting
+
+    folder = agent_copy(tmp_path / "idea", edit=('    sweep: str = ""  #', '    sweep: str = "weight_decay=0.1,1"  #'))
+    code, prompt = harness_run_experiment(folder, 0)
+    assert code == 0, prompt
+    results = read_json(folder / "run_0" / "final_info.json")
+    assert sorted(results) == sorted(f"{op}__weight_decay={wd}" for op in ("x_plus_y", "x_minus_y")
+                                     for wd in (0.1, 1.0))
+    assert all("final_val_acc_mean" in block["means"] for block in results.values())
+    code, stderr = harness_run_plotting(folder)
+    assert code == 0, stderr
+    assert (folder / "phase_stats_run_0_x_minus_y.png").exists()  # a 1-D sweep: lines with stderr bands
+    assert "[run_0] sweep over weight_decay=[0.1, 1.0]" in (folder / "notes.txt").read_text()
