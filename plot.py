@@ -631,8 +631,14 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
                     ax.plot(xv, mean, marker="o")
                     ax.fill_between(xv, mean - err, mean + err, alpha=0.25)
                     for v, m, f in zip(xv, mean, found):
-                        ax.annotate(f"n={f[1]['grokked'] if 'grok' in key or 'delay' in key else f[1]['n']}",
-                                    (v, m), fontsize=6, textcoords="offset points", xytext=(0, 5))
+                        n = f[1]["grokked"] if key in ("grok_step_mean", "delay_mean") else f[1]["n"]
+                        ax.annotate(f"n={n}", (v, m), fontsize=6, textcoords="offset points", xytext=(0, 5))
+                    if min(xv) > 0 and max(xv) >= 10 * min(xv):
+                        ax.set_xscale("log")
+                else:
+                    ax.text(0.5, 0.5, "no seed grokked", ha="center", va="center", transform=ax.transAxes)
+                if key in ("share_grokked", "final_val_acc_mean"):
+                    ax.set_ylim(-0.03, 1.03)
                 ax.set_xlabel(x)
                 ax.set_title(title + " (mean ± stderr)", fontsize=8)
                 ax.grid(alpha=0.3)
