@@ -12,7 +12,8 @@ Early warning, per measure: the alarm is raised at the first measurement after m
 has moved, in the direction it moves in grokking runs, by at least `level` times its typical change (the median,
 over grokking runs, of its change from memorisation to grokking). Over a sweep's grokking runs the alarm's lead is
 val accuracy's 50% step minus the alarm's step, and a hit is a lead > 0; over its runs that memorise and never
-grok, a false alarm is an alarm within the same number of steps since memorisation that grokking runs take to
+reach val accuracy 0.5 (those that pass 0.5 but not 0.99 within the budget are left out: the event an alarm
+announces did happen in them, grokking did not), a false alarm is an alarm within the same number of steps since memorisation that grokking runs take to
 reach 50% (the largest such delay). Direction, typical change and level are fitted on the other seeds (leave one
 seed out): each seed's runs are judged with thresholds they did not help choose. The score that ranks measures is
 hit rate - false-alarm rate (Youden's J) on the held-out runs.
@@ -150,14 +151,14 @@ def horizon(runs: list):
 
 
 def outcomes(runs: list, key, sign: float, threshold: float, window) -> tuple[list, list]:
-    """(leads of the grokking runs, None where no alarm), (alarm of each never-grokking run within window since
-    memorisation: its steps since memorisation, or None)."""
+    """(leads of the grokking runs, None where no alarm), (alarm of each never-grokking run, one that never reached
+    val accuracy 0.5, within window since memorisation: its steps since memorisation, or None)."""
     leads, false = [], []
     for run in runs:
         step = alarm_step(run, key, sign, threshold)
         if run.phase == "grok":
             leads.append(None if step is None or run.half_step is None else run.half_step - step)
-        elif run.phase == "memorise":
+        elif run.phase == "memorise" and run.half_step is None:  # one past val acc 0.5 is neither: left out
             since = None if step is None else step - run.memorisation_step
             false.append(since if since is not None and window is not None and since <= window else None)
     return leads, false
@@ -196,7 +197,7 @@ def evaluate(runs: list, key) -> dict:
         held = [r for r in runs if r.seed == seed]
         if fitted is None:  # nothing to fit on: the measure raises no alarm for these runs
             leads += [None for r in held if r.phase == "grok"]
-            false += [None for r in held if r.phase == "memorise"]
+            false += [None for r in held if r.phase == "memorise" and r.half_step is None]
             levels.append(None)
             continue
         sign, scale, level, window = fitted
@@ -330,7 +331,8 @@ def sweep_markdown(sweep: dict, cells: list, table: list) -> list:
         lines.append("")
     if table:
         lines += [f"### Early warning ({table[0]['grok_runs']} grokking runs, {table[0]['never_runs']} that memorise "
-                  f"and never grok; thresholds fitted leaving one seed out, seeds {table[0]['held_out_seeds']})", "",
+                  f"and never reach val acc 0.5; runs past 0.5 but not 0.99 left out; thresholds fitted leaving one "
+                  f"seed out, seeds {table[0]['held_out_seeds']})", "",
                   "| measure | hit rate | false-alarm rate | J | lead (steps) | level |", "|---|---|---|---|---|---|"]
         for t in table:
             lead = "-" if t["lead_mean"] is None else f"{t['lead_mean']:.0f} ± {t['lead_stderr']:.0f}"

@@ -543,7 +543,7 @@ def main(P, args) -> int:
     sweep_notes = [line for o in outputs for line in o["notes"]]
     summary = os.path.join(args.out_dir, "analysis_summary.md")
     write_text(summary, summary_markdown(by_op, runs, rows_by, sorted(figures), leadlag, left_out)
-               + final_keys_markdown(key_rows) + "\n".join(sweep_md))
+               + final_keys_markdown(key_rows) + "".join(f"\n{line}" for line in sweep_md))
     if args.notes:
         update_notes(args.notes, findings_block(by_op, runs, rows_by, leadlag, sorted(figures), key_rows=key_rows,
                                                 extra=sweep_notes))

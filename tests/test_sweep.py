@@ -162,6 +162,8 @@ def test_early_warning_on_measures_with_known_answers():
     assert (before["hit_rate"], before["false_alarm_rate"], before["score"]) == (1.0, 0.0, 1.0)
     assert before["lead_mean"] == 400 and before["direction"] == "down/down/down"
     assert (before["grok_runs"], before["never_runs"], before["held_out_seeds"]) == (6, 6, "0,1,2")
+    halfway = WarnRun(0, "memorise", 300, 1500, None, runs[0].series, "past val acc 0.5, never 0.99")
+    assert evaluate([*runs, halfway], ("model", "all", "always"))["never_runs"] == 6  # neither side: left out
     table = earlywarning_table(runs, [("model", "all", k) for k in ("always", "never", "before")])
     assert table[0]["key"][2] == "before"
 
