@@ -560,9 +560,9 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
 
 
 PHASE_COLORS = {"no fit": "#9e9e9e", "memorise": "#d62728", "grok": "#1f77b4", "fit": "#2ca02c", "mixed": "#f2c14e"}
-PHASE_STATS = [("share_grokked", "share of seeds that grokked", "viridis", "{:.2f}"),
-               ("grok_step_mean", "grokking step (seeds that grokked)", "magma_r", "{:.0f}"),
-               ("delay_mean", "memorisation-to-grokking delay (steps)", "magma_r", "{:.0f}"),
+PHASE_STATS = [("share_grokked", "share of seeds with val acc > 0.99 (grok or fit)", "viridis", "{:.2f}"),
+               ("grok_step_mean", "step val acc > 0.99 (over those seeds)", "magma_r", "{:.0f}"),
+               ("delay_mean", "memorisation-to-val-acc-0.99 delay (steps; those seeds)", "magma_r", "{:.0f}"),
                ("final_val_acc_mean", "final val accuracy", "viridis", "{:.2f}")]
 
 
