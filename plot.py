@@ -624,10 +624,11 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
                                  else (10, 6.5))
         for ax, (key, title, cmap, fmt) in zip(axes.flat, PHASE_STATS):
             if y is None:  # 1-D: mean with a stderr band against the field
-                found = [(xv, grid[(xv, None)]) for xv in xs if (xv, None) in grid and grid[(xv, None)][key] is not None]
+                found = [(v, grid[(v, None)]) for v in xs if grid.get((v, None), {}).get(key) is not None]
                 if found:
                     xv, mean = np.array([f[0] for f in found], float), np.array([f[1][key] for f in found], float)
-                    err = np.array([f[1].get(key.replace("_mean", "_stderr")) or 0 for f in found], float)
+                    spread = key[:-5] + "_stderr" if key.endswith("_mean") else None  # a share has no stderr
+                    err = np.array([(f[1].get(spread) if spread else 0) or 0 for f in found], float)
                     ax.plot(xv, mean, marker="o")
                     ax.fill_between(xv, mean - err, mean + err, alpha=0.25)
                     for v, m, f in zip(xv, mean, found):

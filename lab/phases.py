@@ -13,10 +13,10 @@ has moved, in the direction it moves in grokking runs, by at least `level` times
 over grokking runs, of its change from memorisation to grokking). Over a sweep's grokking runs the alarm's lead is
 val accuracy's 50% step minus the alarm's step, and a hit is a lead > 0; over its runs that memorise and never
 reach val accuracy 0.5 (those that pass 0.5 but not 0.99 within the budget are left out: the event an alarm
-announces did happen in them, grokking did not), a false alarm is an alarm within the same number of steps since memorisation that grokking runs take to
-reach 50% (the largest such delay). Direction, typical change and level are fitted on the other seeds (leave one
-seed out): each seed's runs are judged with thresholds they did not help choose. The score that ranks measures is
-hit rate - false-alarm rate (Youden's J) on the held-out runs.
+announces did happen in them, grokking did not), a false alarm is an alarm within the same number of steps
+since memorisation that grokking runs take to reach 50% (the largest such delay). Direction, typical change and
+level are fitted on the other seeds (leave one seed out): each seed's runs are judged with thresholds they did not
+help choose. The score that ranks measures is hit rate - false-alarm rate (Youden's J) on the held-out runs.
 """
 
 import math
