@@ -567,23 +567,26 @@ PHASE_STATS = [("share_grokked", "share of seeds with val acc > 0.99 (grok or fi
 
 
 def _phase_grids(sweep: dict, cells: list):
-    """(suffix, title, x field, x values, y field or None, y values, {(x, y): cell row}) per figure: the first
-    two fields are the axes, one figure per combination of any further fields."""
+    """(suffix, title, x field, x values, y field or None, y values, [(row, column, cell row), ...]) per figure:
+    the first two fields are the axes, one figure per combination of any further fields."""
     import itertools
 
     fields, values = sweep["fields"], sweep["values"]
     x, y = fields[0], fields[1] if len(fields) > 1 else None
-    rest = fields[2:]
+    xs, ys, rest = values[x], values[y] if y else [None], fields[2:]
     for combo in itertools.product(*(values[f] for f in rest)):
         fixed = dict(zip(rest, combo))
-        mine = {(c[x], c[y] if y else None): c for c in cells if all(c[f] == v for f, v in fixed.items())}
-        suffix = "".join(f"_{f}={v}" for f, v in fixed.items())
-        yield suffix, ", ".join(f"{f}={v}" for f, v in fixed.items()), x, values[x], y, values[y] if y else [None], mine
+        placed = [(ys.index(c[y]) if y else 0, xs.index(c[x]), c) for c in cells
+                  if all(c[f] == v for f, v in fixed.items())]
+        yield "".join(f"_{f}={v}" for f, v in fixed.items()), ", ".join(f"{f}={v}" for f, v in fixed.items()), \
+            x, xs, y, ys, sorted(placed, key=lambda p: p[:2])
 
 
 def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
     """A sweep's phase diagram of one op: the phase of every cell (phase_map_*) and four heatmaps (phase_stats_*),
     each cell annotated with its number and n; a 1-D sweep gives lines with stderr bands."""
+    import textwrap
+
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -593,14 +596,11 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
     rule = (f"phase of a seed: no fit (train acc never >= 0.99), memorise (val acc never > 0.99), grok (val acc > "
             f"0.99 at least {GROK_DELAY_RATIO:g}x the memorisation step after memorisation), fit (sooner); of a "
             "cell: that of more than half its seeds, else mixed")
-    for suffix, fixed, x, xs, y, ys, grid in _phase_grids(sweep, cells):
+    for suffix, fixed, x, xs, y, ys, placed in _phase_grids(sweep, cells):
         name = f"{run}_{op}{suffix}".replace(os.sep, "_")
         fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 0.9 * len(ys) + 2.2))
         image = np.full((len(ys), len(xs)), np.nan)
-        for (i, yv), (j, xv) in ((a, b) for a in enumerate(ys) for b in enumerate(xs)):
-            c = grid.get((xv, yv))
-            if c is None:
-                continue
+        for i, j, c in placed:
             image[i, j] = PHASES.index(c["phase"])
             step = "" if c["grok_step_mean"] is None else f"\n{c['grok_step_mean']:.0f}"
             ax.text(j, i, f"{c['phase']}\n{c['grokked']}/{c['n']} grok{step}", ha="center", va="center", fontsize=7,
@@ -614,7 +614,7 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
         ax.legend(handles=[Patch(color=PHASE_COLORS[p], label=p) for p in PHASES], fontsize=7,
                   bbox_to_anchor=(1.01, 1), loc="upper left")
         ax.set_title(f"Phases of {op}, sweep {run}{' (' + fixed + ')' if fixed else ''}: seeds grokked / n, mean "
-                     "grokking step\n" + "\n".join(_wrap(rule, 95)), fontsize=8)
+                     "grokking step\n" + "\n".join(textwrap.wrap(rule, 95)), fontsize=8)
         path = os.path.join(out_dir, f"phase_map_{name}.png")
         save(fig, path)
         written.append((path, f"Phase diagram of {op} over {x}{' x ' + y if y else ''} (sweep {run}): each cell "
@@ -624,7 +624,7 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
                                  else (10, 6.5))
         for ax, (key, title, cmap, fmt) in zip(axes.flat, PHASE_STATS):
             if y is None:  # 1-D: mean with a stderr band against the field
-                found = [(v, grid[(v, None)]) for v in xs if grid.get((v, None), {}).get(key) is not None]
+                found = [(xs[j], c) for _, j, c in placed if c[key] is not None]
                 if found:
                     xv, mean = np.array([f[0] for f in found], float), np.array([f[1][key] for f in found], float)
                     spread = key[:-5] + "_stderr" if key.endswith("_mean") else None  # a share has no stderr
@@ -645,16 +645,11 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
                 ax.grid(alpha=0.3)
                 continue
             image = np.full((len(ys), len(xs)), np.nan)
-            for (i, yv), (j, xv) in ((a, b) for a in enumerate(ys) for b in enumerate(xs)):
-                c = grid.get((xv, yv))
-                if c is not None and c[key] is not None:
-                    image[i, j] = c[key]
+            for i, j, c in placed:
+                image[i, j] = np.nan if c[key] is None else c[key]
             mesh = ax.imshow(image, cmap=cmap, origin="lower", aspect="auto",
                              **({"vmin": 0, "vmax": 1} if key in ("share_grokked", "final_val_acc_mean") else {}))
-            for (i, yv), (j, xv) in ((a, b) for a in enumerate(ys) for b in enumerate(xs)):
-                c = grid.get((xv, yv))
-                if c is None or c[key] is None:
-                    continue
+            for i, j, c in ((i, j, c) for i, j, c in placed if c[key] is not None):
                 n = c["grokked"] if key in ("grok_step_mean", "delay_mean") else c["n"]
                 ax.text(j, i, f"{fmt.format(c[key])}\nn={n}", ha="center", va="center", fontsize=7,
                         color=_ink(mesh.cmap(mesh.norm(c[key]))))
@@ -669,21 +664,15 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
         fig.tight_layout()
         path = os.path.join(out_dir, f"phase_stats_{name}.png")
         save(fig, path)
-        written.append((path, f"Per cell of sweep {run}, {op}: share of seeds that grokked, mean grokking step and "
-                              "memorisation-to-grokking delay (over the seeds that grokked), final val accuracy; "
-                              "each cell annotated with its value and n."))
+        written.append((path, f"Per cell of sweep {run}, {op}: share of seeds whose val accuracy passed 0.99 (grok or "
+                              "fit), their mean step and memorisation-to-0.99 delay, final val accuracy; each cell "
+                              "annotated with its value and n."))
     return written
 
 
 def _ink(rgba) -> str:
     """Black or white text, whichever reads on a cell of this colour."""
     return "black" if 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5 else "white"
-
-
-def _wrap(text: str, width: int) -> list:
-    import textwrap
-
-    return textwrap.wrap(text, width)
 
 
 def earlywarning_figure(run: str, table: list, out_dir: str) -> list:

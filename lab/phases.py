@@ -20,12 +20,15 @@ help choose. The score that ranks measures is hit rate - false-alarm rate (Youde
 """
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from lab.schema import GROKKED_ABOVE, MEMORISED_AT
+from lab.analysis import load_run, mean_stderr, measure_label, measure_rows, measure_series
+from lab.files import read_json
+from lab.schema import GROKKED_ABOVE, MEMORISED_AT, SWEEP
 
 PHASES = ("no fit", "memorise", "grok", "fit", "mixed")
 GROK_DELAY_RATIO = 1.0  # grok: delay >= this x the memorisation step; less is "fit"
@@ -41,16 +44,14 @@ def phase_of_job(memorisation_step, grok_step) -> str:
     return "grok" if grok_step - memorisation_step >= GROK_DELAY_RATIO * memorisation_step else "fit"
 
 
-def job_summary(log: list, grok_step=None) -> dict:
-    """memorisation_step, grok_step (the log's when not given), delay, half_step (val acc >= 0.5), final val acc
-    and phase of one job."""
-    mem = next((r["step"] for r in log if r["train_acc"] >= MEMORISED_AT), None)
-    if grok_step is None:
-        grok_step = next((r["step"] for r in log if r["val_acc"] > GROKKED_ABOVE), None)
+def job_summary(pair) -> dict:
+    """memorisation_step and grok_step (lab.analysis.Pair's), delay, half_step (val acc >= 0.5), final val acc and
+    phase of one job."""
+    mem, grok_step = pair.memorisation_step, pair.grok_step
     return {"memorisation_step": mem, "grok_step": grok_step,
             "delay": grok_step - mem if grok_step is not None and mem is not None else None,
-            "half_step": next((r["step"] for r in log if r["val_acc"] >= HALF), None),
-            "final_val_acc": log[-1]["val_acc"] if log else None, "phase": phase_of_job(mem, grok_step)}
+            "half_step": next((r["step"] for r in pair.log if r["val_acc"] >= HALF), None),
+            "final_val_acc": pair.log[-1]["val_acc"] if pair.log else None, "phase": phase_of_job(mem, grok_step)}
 
 
 def cell_phase(phases: list) -> str:
@@ -62,11 +63,9 @@ def cell_phase(phases: list) -> str:
 
 
 def _mean_stderr(values: list):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    sd = float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return float(np.mean(values)), sd
+    """(mean, stderr) of the values that are not None (lab.analysis.mean_stderr), or (None, None)."""
+    known = np.array([v for v in values if v is not None], dtype=float)
+    return tuple(float(x) for x in mean_stderr(known)) if len(known) else (None, None)
 
 
 def cell_row(jobs: list) -> dict:
@@ -229,12 +228,6 @@ def earlywarning_table(runs: list, keys: list) -> list:
 # ----------------------------------------------------------------------------- reading a sweep, its tables
 def load_sweep(run_dir: str, name: str) -> dict:
     """A sweep folder: its fields and values (sweep.json) and, per cell, the finished jobs (lab.analysis.Pair)."""
-    import os
-
-    from lab.analysis import load_run
-    from lab.files import read_json
-    from lab.schema import SWEEP
-
     info = read_json(os.path.join(run_dir, SWEEP))
     cells = []
     for cell in info["cells"]:
@@ -249,7 +242,7 @@ def load_sweep(run_dir: str, name: str) -> dict:
 def job_rows(sweep: dict) -> list:
     """phase_jobs.csv: one row per finished job."""
     return [{"run": sweep["run"], "cell": cell["name"], **cell["values"], "op": p.op, "seed": p.seed,
-             **job_summary(p.log, p.grok_step)} for cell in sweep["cells"] for p in cell["pairs"]]
+             **job_summary(p)} for cell in sweep["cells"] for p in cell["pairs"]]
 
 
 def cell_rows(sweep: dict, jobs: list) -> list:
@@ -265,12 +258,10 @@ def cell_rows(sweep: dict, jobs: list) -> list:
 
 def warn_runs(sweep: dict) -> list:
     """WarnRun of every finished job that groks or memorises only, with every measure but val/train accuracy."""
-    from lab.analysis import measure_rows, measure_series
-
     runs = []
     for cell in sweep["cells"]:
         for p in cell["pairs"]:
-            summary = job_summary(p.log, p.grok_step)
+            summary = job_summary(p)
             if summary["phase"] not in ("grok", "memorise"):
                 continue
             series = {k: v for k, v in measure_series(p, measure_rows(p)).items() if k[:3:2] != ("log", "acc")}
@@ -281,8 +272,6 @@ def warn_runs(sweep: dict) -> list:
 
 def warning_rows(sweep: dict, runs: list) -> list:
     """earlywarning.csv rows of one sweep, best score first."""
-    from lab.analysis import measure_label
-
     keys = sorted({k for r in runs for k in r.series})
     return [{"run": sweep["run"], "measure": measure_label(*t["key"]), "layer": t["key"][0], "split": t["key"][1],
              "metric": t["key"][2], **{k: v for k, v in t.items() if k != "key"}}

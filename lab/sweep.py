@@ -8,6 +8,7 @@ import itertools
 import os
 import typing
 
+from lab.files import write_json
 from lab.plugins import UsageError
 from lab.schema import cell_name
 
@@ -96,8 +97,6 @@ def check(cfg, E, validate) -> None:
 
 
 def write_sweep_json(cfg, path: str) -> None:
-    from lab.files import write_json
-
     spec = parse(cfg.sweep, type(cfg))
     write_json(path, {"sweep": cfg.sweep, "fields": [f for f, _ in spec], "values": {f: list(v) for f, v in spec},
                       "ops": list(cfg.ops), "seeds": cfg.seeds,
