@@ -641,7 +641,7 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
                 if key in ("share_grokked", "final_val_acc_mean"):
                     ax.set_ylim(-0.03, 1.03)
                 ax.set_xlabel(x)
-                ax.set_title(title + " (mean ± stderr)", fontsize=8)
+                ax.set_title(title + (" (mean ± stderr)" if key.endswith("_mean") else ""), fontsize=8)
                 ax.grid(alpha=0.3)
                 continue
             image = np.full((len(ys), len(xs)), np.nan)
