@@ -26,39 +26,40 @@ NOT_SWEPT = {
 }
 
 
-def parse(text: str, Config) -> list[tuple[str, tuple]]:
-    """[(field, (value, ...)), ...] in the order written. Raises UsageError with one line per problem."""
+def parse(text: str, Config, errors: list | None = None) -> list[tuple[str, tuple]]:
+    """[(field, (value, ...)), ...] in the order written. Raises UsageError with one line per problem, or, given
+    a list `errors`, appends the lines to it and returns what parsed."""
     from lab.cli import _flag_type
 
     hints = typing.get_type_hints(Config)
-    spec, errors = [], []
+    spec, found = [], [] if errors is None else errors
     for part in text.split():
         field, sep, values = part.partition("=")
         if not sep or not field:
-            errors.append(f"--sweep: {part!r} is not FIELD=VALUE,VALUE,... (fields separated by spaces)")
+            found.append(f"--sweep: {part!r} is not FIELD=VALUE,VALUE,... (fields separated by spaces)")
             continue
         if field not in hints:
-            errors.append(f"--sweep: {field} is not a Config field (python experiment.py --help lists them)")
+            found.append(f"--sweep: {field} is not a Config field (python experiment.py --help lists them)")
             continue
         if field in NOT_SWEPT or typing.get_origin(hints[field]) is tuple:
-            errors.append(f"--sweep: {field} cannot be swept: {NOT_SWEPT.get(field, 'it holds a list')}")
+            found.append(f"--sweep: {field} cannot be swept: {NOT_SWEPT.get(field, 'it holds a list')}")
             continue
         if field in dict(spec):
-            errors.append(f"--sweep: {field} is given twice; list all its values once: {field}=A,B")
+            found.append(f"--sweep: {field} is given twice; list all its values once: {field}=A,B")
             continue
         parsed = []
         for value in values.split(","):
             try:
                 parsed.append(_flag_type(hints[field])(value))
             except (ValueError, TypeError) as e:
-                errors.append(f"--sweep: {field}={value!r} is not a {hints[field].__name__} ({e})")
+                found.append(f"--sweep: {field}={value!r} is not a {hints[field].__name__} ({e})")
         if not values or len(parsed) != len(set(parsed)):
-            errors.append(f"--sweep: {field}={values} must list distinct values, separated by commas")
+            found.append(f"--sweep: {field}={values} must list distinct values, separated by commas")
         spec.append((field, tuple(parsed)))
-    if not spec and not errors:
-        errors.append(f"--sweep={text!r} names no field; e.g. --sweep=\"train_frac=0.3,0.5 weight_decay=0.1,1\"")
-    if errors:
-        raise UsageError("\n".join(dict.fromkeys(errors)))
+    if not spec and not found:
+        found.append(f"--sweep={text!r} names no field; e.g. --sweep=\"train_frac=0.3,0.5 weight_decay=0.1,1\"")
+    if found and errors is None:
+        raise UsageError("\n".join(dict.fromkeys(found)))
     return spec
 
 
@@ -78,8 +79,8 @@ def cell_config(cfg, cell: tuple):
 def check(cfg, E, validate) -> None:
     """Refuse bad sweep values before anything is written: each value alone, then each cell (for combinations
     such as d_model and n_heads), one line per problem."""
-    spec = parse(cfg.sweep, E.Config)
     errors = []
+    spec = parse(cfg.sweep, E.Config, errors)  # a value that does not parse, then every one that parses but is bad
     for field, values in spec:
         for value in values:
             try:

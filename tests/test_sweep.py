@@ -44,6 +44,9 @@ def test_bad_sweep_values_are_refused_one_line_each_before_any_file(tmp_path):
     assert proc.returncode == 2 and len(lines) == 3, proc.stderr
     assert all(line.startswith("experiment.py: error: --sweep") for line in lines)
     assert "train_frac=1.5" in lines[0] and "weight_decay=-1" in lines[1] and "d_model=30" in lines[2]
+    proc = run_script("experiment.py", ["--out_dir=s", *TINY, "--sweep=weight_decay=-1 lr=x,0.1"], tmp_path, check=False)
+    lines = proc.stderr.strip().splitlines()  # a value that does not parse does not hide one that is out of range
+    assert proc.returncode == 2 and len(lines) == 2 and "lr='x'" in lines[0] and "weight_decay=-1" in lines[1]
     assert os.listdir(tmp_path) == []
 
 
