@@ -22,7 +22,6 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +100,7 @@ class Config:
     grokfast_window: int = 100  # grokfast plugin, filter ma: gradients averaged (added once the window is full)
     fourier_topk: int = 5  # fourier plugin: how many key frequencies
     rqi_tol: float = 0.1  # rqi plugin: a parallelogram closes when its unit phases differ by less
+    batched: str = "auto"  # train same-shape models as one stacked model: on, off, auto (where measured faster)
     workers: int = 0  # parallel (op, seed) processes; 0 = one per core (one on a GPU)
     threads: int = 0  # torch threads per (op, seed); 0 = 1 on a CPU. Other counts round differently
     overwrite: bool = False  # discard results in out_dir made with another config
@@ -223,7 +223,7 @@ class Block(nn.Module):
         else:
             w_q, w_kv = self.qkv.weight.split([d_model, 2 * d_model])
             b_q, b_kv = self.qkv.bias.split([d_model, 2 * d_model])
-            q = F.linear(x[:, queries_from:], w_q, b_q)
+            q = F.linear(x[:, queries_from:].contiguous(), w_q, b_q)  # contiguous: one GEMM under vmap too
             kv = F.linear(x, w_kv, b_kv)
         return q, kv
 
@@ -297,11 +297,13 @@ class Transformer(nn.Module):
         self.vocab_table = vocab_table
         self.capture_modules = {"first": "blocks.0", "last": f"blocks.{num_layers - 1}"}
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, shared: bool | None = None) -> torch.Tensor:
         positions = self.position_embeddings.weight
         n_blocks, n_prefix = len(self.blocks), tokens.shape[1] - 2  # the prefix: every position before b
         middle = tokens[:, 1:n_prefix]  # (batch, n_prefix - 1): the op token, or nothing
-        if not self.shared_prefix or n_prefix < 1 or (middle != middle[:1]).any():
+        if shared is None:  # a caller under vmap, where no tensor may decide a branch, decides (forward_kwargs)
+            shared = self.forward_kwargs(tokens)["shared"]
+        if not shared:
             h = self.token_embeddings(tokens) + positions[: tokens.shape[1]]
             for i, block in enumerate(self.blocks):
                 h = block(h, last_only=i == n_blocks - 1)
@@ -318,6 +320,12 @@ class Transformer(nn.Module):
             by_token = (table, tokens[:, n_prefix:]) if i == 0 and self.vocab_table else None
             h, prefix = block(h, prefix, tokens[:, 0], last_only=i == n_blocks - 1, by_token=by_token)
         return self.head(self.norm(h[:, -1]))  # (batch, n_classes)
+
+    def forward_kwargs(self, tokens: torch.Tensor) -> dict:
+        """forward's arguments decided from the tokens (batch..., seq) of one or of many models at once."""
+        middle = tokens[..., 1:tokens.shape[-1] - 2]
+        return {"shared": self.shared_prefix and tokens.shape[-1] > 2
+                and not bool((middle != middle.reshape(-1, middle.shape[-1])[:1]).any())}
 
     def token_embedding_matrix(self) -> torch.Tensor:
         return self.token_embeddings.weight
@@ -471,6 +479,7 @@ class XavierInit(Plugin):
     defaults). Runs under the init seed, so it is as reproducible as the default initialisation."""
 
     name = "xavier_init"
+    batchable = True  # it never touches the update: it can train in a batch of models
 
     @torch.no_grad()
     def init_model(self, run):
@@ -527,6 +536,7 @@ class StepValAcc95(Plugin):
     averages it over the seeds that reached it and says how many did (step_val_acc_95_n)."""
 
     name = "step_val_acc_95"
+    batchable = True  # it never touches the update: it can train in a batch of models
 
     def on_train_begin(self, run):
         self.reached = None
@@ -619,8 +629,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast, loss,
     return loss(logits, y).item(), acc.item(), {"logits": logits, **outputs}
 
 
-def train_one(cfg: Config, job: Job, report=None) -> dict:
-    """Train one job (an op, a seed, and Config overrides); write its folder, then its final_info file."""
+def prepare(cfg: Config, job: Job) -> Run:
+    """A job made ready to train: its folder (an unfinished earlier attempt's removed), split and example table,
+    data on the device (run.x_train, y_train, x_val, y_val), its plugins (run.hooks) and its model, initialised
+    under the init seed. train_one and the batched trainer (lab/batched.py) both start here."""
     cfg = dataclasses.replace(cfg, **dict(job.overrides))
     device = runner.device_of(cfg)
     seeds = derived_seeds(job.seed)
@@ -632,34 +644,37 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
     task = task_of(cfg, job.op)
     train_idx, val_idx = split_pairs(len(task.y), cfg.train_frac, seeds["split_seed"])
     runner.write_examples(os.path.join(out_dir, EXAMPLES), task, train_idx)
-    x_train, y_train = task.x[train_idx].to(device), task.y[train_idx].to(device)
-    x_val, y_val = task.x[val_idx].to(device), task.y[val_idx].to(device)
-    if cfg.dtype == "bf16":
-        def autocast():
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-    else:
-        autocast = nullcontext
-
     hooks = PluginHooks([cls() for cls in plugin_classes(cfg)])  # plugin files may add registry entries
     torch.manual_seed(seeds["init_seed"])
-    loss_fn = LOSSES[cfg.loss]
-    run = Run(cfg, job, out_dir, task, train_idx, val_idx, build_model(cfg, task).to(device), device, loss_fn,
+    run = Run(cfg, job, out_dir, task, train_idx, val_idx, build_model(cfg, task).to(device), device, LOSSES[cfg.loss],
               evaluate, OPS[job.op], seeds)
-    run.autocast = autocast
+    run.hooks = hooks
+    run.x_train, run.y_train = task.x[train_idx].to(device), task.y[train_idx].to(device)
+    run.x_val, run.y_val = task.x[val_idx].to(device), task.y[val_idx].to(device)
+    if cfg.dtype == "bf16":
+        run.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     if INITS[cfg.init] is not None:
         INITS[cfg.init](run.model, task)
     hooks.init_model(run)
-    model = run.model
     if cfg.init_scale != 1.0:
         with torch.no_grad():
-            torch._foreach_mul_(list(model.parameters()), cfg.init_scale)
+            torch._foreach_mul_(list(run.model.parameters()), cfg.init_scale)
+    return run
+
+
+def train_one(cfg: Config, job: Job, report=None) -> dict:
+    """Train one job (an op, a seed, and Config overrides); write its folder, then its final_info file.
+    (lab/batched.py trains many jobs at once by this loop; change it and they train here, one by one.)"""
+    run = prepare(cfg, job)
+    cfg, hooks, model, device, autocast, loss_fn = run.cfg, run.hooks, run.model, run.device, run.autocast, run.loss
+    x_train, y_train, x_val, y_val = run.x_train, run.y_train, run.x_val, run.y_val
     groups = [g for g in hooks.param_groups(run) if g is not None]
     if len(groups) > 1:
         raise PluginError(f"{len(groups)} plugins return parameter groups for {job.op} seed {job.seed}; one may")
     run.optimizer = optimizer = OPTIMIZERS[cfg.optimizer](groups[0] if groups else model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[cfg.schedule](cfg))
-    sample = SAMPLERS[cfg.sampler](len(y_train), cfg, device, seeds["batch_seed"])
-    log_path = os.path.join(out_dir, LOG)
+    sample = SAMPLERS[cfg.sampler](len(y_train), cfg, device, run.seeds["batch_seed"])
+    log_path = os.path.join(run.out_dir, LOG)
     hooks.on_train_begin(run)
 
     capture_names = tuple(model.capture_modules.values())  # kept at every evaluation, for run.all_outputs()

@@ -53,7 +53,8 @@ def validate(cfg, E) -> None:
         if getattr(cfg, name) not in known:
             raise UsageError(f"--{name}={getattr(cfg, name)}: choose from {','.join(known)}")
     for name, choices in (("norm", ("post", "pre", "none")), ("activation", tuple(E.ACTIVATIONS)),
-                          ("init", tuple(E.INITS)), ("grokfast_filter", ("ema", "ma")), ("dtype", ("fp32", "bf16"))):
+                          ("init", tuple(E.INITS)), ("grokfast_filter", ("ema", "ma")), ("dtype", ("fp32", "bf16")),
+                          ("batched", ("auto", "on", "off"))):
         if getattr(cfg, name) not in choices:
             raise UsageError(f"--{name}={getattr(cfg, name)}: choose from {','.join(choices)}")
     if not 0 < cfg.init_scale < float("inf"):

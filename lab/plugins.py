@@ -31,6 +31,11 @@ class Plugin:
     job. `run` is the Run below (one model). A fresh instance is made for every job."""
 
     name = "plugin"
+    # True: the plugin also works when its job trains in a batch of models (lab/batched.py). Then run.model is a
+    # module whose parameters view this model's slice of the batch: read it, evaluate it, change its weights in
+    # place in on_step_end; run.optimizer is None and param_groups, transform_batch and on_after_backward are not
+    # available. False (a plugin written for one model): its jobs train one by one.
+    batchable = False
 
     def init_model(self, run):
         """The model is built under init_seed and the optimizer is not: re-initialise run.model here (the global
@@ -90,6 +95,9 @@ class Run:
         self.eval_outputs, self.eval_step = {}, None  # the last evaluation's outputs (see evaluate) and its step
         self.timings = {}  # seconds spent per plugin, saved in run.json
         self._outputs = (None, None)  # (step, all_outputs at that step)
+        self.hooks = None  # the job's PluginHooks
+        self.x_train = self.y_train = self.x_val = self.y_val = None  # the split's tokens and classes on the device
+        self.batch = None  # when trained in a batch of models (lab/batched.py): (its index, the batch's size)
 
     def evaluate(self, x, y, keep=()) -> tuple[float, float, dict]:
         """(loss, accuracy, outputs) of the model on x, y in one eval-mode pass (experiment.evaluate)."""
@@ -204,6 +212,8 @@ class CaptureSchedule(Plugin):
     val accuracy first exceeds each of capture_thresholds; one call per step. A scheduled snapshot at an
     evaluation step is taken after the evaluation, so that run.all_outputs() reuses its forward pass."""
 
+    batchable = True
+
     def on_train_begin(self, run):
         self.crossed, self.last_step = set(), None
         self.snapshot_at(run, 0, "init")
@@ -279,6 +289,8 @@ class Norms(Plugin):
     true class is exactly 1.0 (Prieto et al. 2025, "Grokking at the edge of numerical stability").
     Costs one forward over the training pairs per evaluation.
     """
+
+    batchable = True
 
     name = "norms"
 
@@ -365,6 +377,8 @@ class ProgressMeasures(Plugin):
     embedding (fourier_topk_frac for cyclic ops, rqi for x_plus_y). The validation pairs' activations come from
     the evaluation's own forward pass (hooks), so a measurement costs one forward over the training pairs.
     """
+
+    batchable = True
 
     name = "measures"
 

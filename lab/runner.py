@@ -19,7 +19,7 @@ import torch
 from lab.cli import RUNTIME_FIELDS, config_dict, config_from_dict, parse_args
 from lab.files import atomic_write, read_json, remove_partials, write_json, write_jsonl
 from lab.plugins import PluginError, UsageError
-from lab import sweep
+from lab import batched, sweep
 from lab.schema import (CHECKPOINTS, CONFIG, FINAL_INFO, LOG, MODEL, RUN, SWEEP, Job, cell_name, final_info_file,
                         job_dir)
 
@@ -67,10 +67,17 @@ def write_examples(path: str, task, train_idx: torch.Tensor) -> None:
 
 
 def save_model(model, path: str) -> None:
-    """The model's weights as safetensors (shared tensors handled by safetensors' save_model)."""
-    from safetensors.torch import save_model as save
+    """The model's weights as safetensors (shared tensors handled by safetensors' save_model). A model trained in
+    a batch views its slice of the batch's tensors, which safetensors refuses to save as they are: its own copies
+    are saved, the same file."""
+    from safetensors.torch import save_file, save_model as save
 
-    atomic_write(path, lambda tmp: save(model, tmp))
+    state = model.state_dict()
+    if all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in state.values()):
+        atomic_write(path, lambda tmp: save(model, tmp))
+    else:
+        copies = {name: t.detach().clone().contiguous() for name, t in state.items()}
+        atomic_write(path, lambda tmp: save_file(copies, tmp, metadata={"format": "pt"}))
 
 
 def write_job(cfg, job: Job, run, final_info: dict, train_seconds: float) -> dict:
@@ -81,7 +88,8 @@ def write_job(cfg, job: Job, run, final_info: dict, train_seconds: float) -> dic
     save_model(run.model, os.path.join(folder, MODEL))
     record = {"op": job.op, "seed": job.seed, **({"overrides": job.overrides} if job.overrides else {}), **run.seeds,
               "final_info": final_info, "train_seconds": train_seconds, "plugin_seconds": run.timings,
-              "device": str(run.device), "threads": torch.get_num_threads(), "log": run.history}
+              "device": str(run.device), "threads": torch.get_num_threads(),
+              **({"batch": {"index": run.batch[0], "models": run.batch[1]}} if run.batch else {}), "log": run.history}
     write_json(os.path.join(folder, RUN), {k: v for k, v in record.items() if k != "log"})
     write_json(final_info_file(cfg.out_dir, job), final_info)  # written last: marks the job finished
     return record
@@ -149,7 +157,8 @@ def prepare_out_dir(cfg, E) -> list:
         if changed:
             for name in os.listdir(cfg.out_dir):
                 path = os.path.join(cfg.out_dir, name)
-                if name.startswith("final_info") or name.startswith("all_results") or name in (CONFIG, SWEEP):
+                if name.startswith("final_info") or name.startswith("all_results") or name in (
+                        CONFIG, SWEEP, batched.DECISIONS):
                     os.remove(path)
                 elif os.path.isdir(path) and (any(name.startswith(f"{op}_") for op in E.OPS)
                                               or "=" in name and os.path.exists(os.path.join(path, CONFIG))):
@@ -221,8 +230,19 @@ def _exit_quietly(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _train_in_worker(train_one, cfg, job: Job, threads: int, conn) -> None:
-    """train_one in a child process: progress, then the record or the error, go back through `conn`.
+def unit_label(unit: tuple) -> str:
+    return label(unit[0]) if len(unit) == 1 else f"a batch of {len(unit)} models ({label(unit[0])}, ...)"
+
+
+def train_unit(train_one, cfg, unit: tuple, report) -> list:
+    """Train a unit of plan(): one job by train_one, or a batch of jobs by lab/batched.py. Their records."""
+    if len(unit) == 1:
+        return [train_one(cfg, unit[0], report=report)]
+    return batched.train_group(sys.modules[train_one.__module__], cfg, list(unit), report=report)
+
+
+def _train_in_worker(train_one, cfg, unit: tuple, threads: int, conn) -> None:
+    """train_unit in a child process: progress, then each record or the error, go back through `conn`.
 
     The child ignores Ctrl-C: the parent stops it with SIGTERM, on which the training loop unwinds at its
     next step, so one line is printed, not a traceback per process.
@@ -243,14 +263,14 @@ def _train_in_worker(train_one, cfg, job: Job, threads: int, conn) -> None:
     tqdm.set_lock(threading.RLock())
     torch.set_num_threads(threads)
     try:
-        record = train_one(cfg, job, report=lambda *args: conn.send(("progress", args)))
-        conn.send(("done", {k: v for k, v in record.items() if k != "log"}))
+        for record in train_unit(train_one, cfg, unit, report=lambda *args: conn.send(("progress", args))):
+            conn.send(("done", {k: v for k, v in record.items() if k != "log"}))
     except PluginError as e:
         conn.send(("plugin_error", str(e)))
     except Exception as e:
         import traceback
 
-        conn.send(("error", f"{label(job)} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        conn.send(("error", f"{unit_label(unit)} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
         conn.close()
 
@@ -271,15 +291,17 @@ def _finished(progress, record) -> None:
 
 
 def train_jobs(train_one, cfg, todo: list, workers: int, threads: int, progress) -> None:
-    """Train the jobs in todo, in this process or in up to `workers` child processes."""
+    """Train the units in todo (tuples of jobs: batched.plan), in this process or in up to `workers` child
+    processes."""
     if workers == 1:
         torch.set_num_threads(threads)
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _stop_at_next_step) if in_main_thread else None
         try:  # SIGTERM stops the training loop at its next step, as in a child
-            for job in todo:
-                progress.line(f"{label(job)}: start")
-                _finished(progress, train_one(cfg, job, report=progress))
+            for unit in todo:
+                progress.line(f"{unit_label(unit)}: start")
+                for record in train_unit(train_one, cfg, unit, report=progress):
+                    _finished(progress, record)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
@@ -288,14 +310,14 @@ def train_jobs(train_one, cfg, todo: list, workers: int, threads: int, progress)
     # Started now, not inside the first child.start() below: starting it unblocks SIGINT, which the children
     # must inherit blocked.
     resource_tracker.ensure_running()
-    waiting, running, unfinished = list(todo), {}, len(todo)  # running: pipe -> child process
+    waiting, running, unfinished = list(todo), {}, sum(map(len, todo))  # running: pipe -> child process
     reported = set()  # pipes whose child has sent its results
     try:
         while unfinished or running:  # a child that has reported still has to exit: wait, never kill it then
             while waiting and len(running) < workers:
-                job = waiting.pop(0)
+                unit = waiting.pop(0)
                 receiver, sender = ctx.Pipe(duplex=False)  # a pipe per child: no locks for Ctrl-C to break
-                child = ctx.Process(target=_train_in_worker, args=(train_one, cfg, job, threads, sender),
+                child = ctx.Process(target=_train_in_worker, args=(train_one, cfg, unit, threads, sender),
                                     daemon=True)
                 # The child inherits a blocked SIGINT: a Ctrl-C while it is still starting up (importing torch,
                 # before _train_in_worker runs) would otherwise print its own KeyboardInterrupt traceback.
@@ -306,7 +328,7 @@ def train_jobs(train_one, cfg, todo: list, workers: int, threads: int, progress)
                     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 sender.close()
                 running[receiver] = child
-                child.name = label(job)
+                child.name = unit_label(unit)
             for receiver in wait_for_connections(list(running), timeout=1.0):
                 try:
                     kind, payload = receiver.recv()
@@ -373,11 +395,15 @@ def _main_locked(E, cfg) -> dict:
     for job in jobs_of(cfg):
         if job not in todo:
             progress.line(f"{label(job)}: already finished in {cfg.out_dir}, skipped")
-    progress.line(f"training {len(todo)} (op, seed) pairs on {device_of(cfg)} with {workers} worker(s) "
-                  f"x {threads} thread(s) into {cfg.out_dir}")
     start = time.perf_counter()
     try:
-        train_jobs(E.train_one, cfg, todo, workers, threads, progress)
+        units = batched.plan(E, cfg, todo, workers, progress.line)
+        workers = min(workers, max(1, len(units)))
+        batches = [unit for unit in units if len(unit) > 1]
+        progress.line(f"training {len(todo)} (op, seed) pairs ({sum(map(len, batches))} of them in {len(batches)} "
+                      f"batches of models) on {device_of(cfg)} with {workers} worker(s) x {threads} thread(s) "
+                      f"into {cfg.out_dir}")
+        train_jobs(E.train_one, cfg, units, workers, threads, progress)
     finally:
         progress.close()
 

@@ -1,0 +1,417 @@
+"""Many models at once: jobs whose models share a shape train as one stacked model on one device.
+
+The parameters of K models are stacked along a new first dimension (torch.func.stack_module_state) and one
+vmap of functional_call runs all K forwards and backwards as batched operations. Each model keeps what its
+sequential run (experiment.train_one) would have: its split, initialisation, batch order (its own sampler),
+learning rate and weight decay, its plugins and every file. Each job's model is a real nn.Module whose
+parameters are views of its slice of the stack, so plugins read run.model and run.all_outputs() as they would
+in a sequential run. The loss of the batch is the sum of the models' losses: a model's gradient is the gradient
+of its own loss only (tests/test_batched.py checks it, perturbing one model's data).
+
+Differences from the sequential run are float rounding: batched matrix multiplies block their sums otherwise,
+and the optimizer below is the arithmetic of torch's AdamW written once for the stack (tests/test_batched.py
+gives the tolerance). Config.batched chooses: off, on, or auto (batched where a short timing on this device
+finds it faster; the decision is kept in out_dir, so a resumed run keeps it).
+"""
+
+import dataclasses
+import hashlib
+import inspect
+import os
+import signal
+import time
+
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from lab.files import read_json, write_json, write_jsonl
+from lab.plugins import Plugin
+from lab.schema import GROKKED_ABOVE, LOG
+
+PER_MODEL = ("lr", "weight_decay", "train_frac", "init_scale")  # Config fields that may differ inside one batch
+BATCHABLE_HOOKS = ("init_model", "on_train_begin", "on_step_end", "on_eval", "on_train_end")
+DECISIONS = "batched.json"  # out_dir/batched.json: auto's timings and decisions, reused on resume
+
+# The source of experiment.train_one and of the optimizers that train_group mirrors. An edited train_one (a new
+# loss term, gradient clipping) would not reach a batch: its jobs then train one by one, with a line saying so.
+# tests/test_batched.py fails when these change, so that whoever changes them updates train_group too.
+MIRRORED = {"train_one": "a047415462", "adamw": "82d65da388", "adam": "9f381a3df1", "perp_adamw": "35f47c1769"}
+
+
+def fingerprint(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:10]
+
+
+def mirrored_sources(E) -> dict:
+    """name -> fingerprint of the source that train_group mirrors, as it is now in experiment.py."""
+    mirrored = {"train_one": [E.train_one], "adamw": [E.adamw], "adam": [E.OPTIMIZERS["adam"]],
+                "perp_adamw": [E.perp_adamw, E.orthogonal_gradients, E.adamw]}
+    return {name: fingerprint("".join(inspect.getsource(f) for f in functions))
+            for name, functions in mirrored.items()}
+
+
+def unbatchable_plugins(classes: list) -> list:
+    """The plugin classes that cannot train in a batch: not marked batchable (a plugin written for one model),
+    or using a hook that acts inside the update (param_groups, transform_batch, on_after_backward)."""
+    return [cls for cls in classes if not getattr(cls, "batchable", False)
+            or any(getattr(cls, hook) is not getattr(Plugin, hook)
+                   for hook in ("param_groups", "transform_batch", "on_after_backward"))]
+
+
+def why_not(E, cfg) -> str | None:
+    """Why the jobs of cfg (one sweep cell) cannot train batched, in a few words; None when they can."""
+    if cfg.optimizer not in BATCHED_OPTIMIZERS:
+        return f"optimizer {cfg.optimizer} has no batched version (lab/batched.py: {', '.join(BATCHED_OPTIMIZERS)})"
+    plugins = unbatchable_plugins(E.plugin_classes(cfg))
+    if plugins:
+        return (f"plugin {', '.join(getattr(c, 'name', c.__name__) for c in plugins)} is written for one model "
+                "(a plugin that can train in a batch sets batchable = True; docs/plugins.md)")
+    now = mirrored_sources(E)
+    changed = [name for name in ("train_one", cfg.optimizer) if now[name] != MIRRORED[name]]
+    if changed:
+        return (f"experiment.py's {', '.join(changed)} differs from what lab/batched.py mirrors, so a batch "
+                "would not run the change")
+    return None
+
+
+def shape_key(E, cfg, job) -> tuple:
+    """Jobs with equal keys can train in one batch: the same model shape, steps, schedule and batch size."""
+    job_cfg = dataclasses.replace(cfg, **dict(job.overrides))
+    task = E.task_of(job_cfg, job.op)
+    n_train = int(len(task.y) * job_cfg.train_frac)
+    batch = n_train if job_cfg.sampler == "full" else job_cfg.batch_size or min(512, -(-n_train // 2))
+    return (tuple((k, v) for k, v in job.overrides if k not in PER_MODEL), task.n_vocab, task.n_classes,
+            tuple(task.x.shape[1:]), batch)
+
+
+def describe(key: tuple) -> str:
+    overrides, n_vocab, n_classes, _, batch = key
+    return " ".join([f"vocab {n_vocab}, {n_classes} classes, batch {batch}", *(f"{k}={v}" for k, v in overrides)])
+
+
+def plan(E, cfg, todo: list, workers: int, say) -> list[tuple]:
+    """The units of work of todo: tuples of jobs, one (a sequential run) or many (a batch). Jobs batch by
+    shape_key; a key's jobs are split into `workers` batches when there are several workers (one per core)."""
+    if cfg.batched == "off":
+        return [(job,) for job in todo]
+    from lab import sweep
+
+    reasons = {cell: why_not(E, sweep.cell_config(cfg, cell)) for cell in sweep.cells(cfg)}
+    by_key, units = {}, []
+    for job in todo:
+        if reasons[job.overrides]:
+            units.append((job,))
+        else:
+            by_key.setdefault(shape_key(E, cfg, job), []).append(job)
+    for reason in dict.fromkeys(r for r in reasons.values() if r):
+        say(f"batched training: off for some jobs: {reason}; they train one by one")
+    decisions = read_json(os.path.join(cfg.out_dir, DECISIONS)) if os.path.exists(
+        os.path.join(cfg.out_dir, DECISIONS)) else {}
+    for key, jobs in by_key.items():
+        if len(jobs) == 1:
+            units.append((jobs[0],))
+            continue
+        size = -(-len(jobs) // min(workers, len(jobs)))  # one batch per worker
+        batches = [tuple(jobs[i:i + size]) for i in range(0, len(jobs), size)]
+        if cfg.batched == "auto":
+            name = describe(key)
+            if name not in decisions:
+                decisions[name] = time_batch(E, cfg, batches[0])
+                write_json(os.path.join(cfg.out_dir, DECISIONS), decisions)
+            decision = decisions[name]
+            say(f"batched training ({name}): {len(batches[0])} models at once train "
+                f"{decision['speedup']:.2f}x as many steps per second as one by one on {decision['device']}: "
+                f"{'batched' if decision['batched'] else 'one by one'} (auto)")
+            if not decision["batched"]:
+                units += [(job,) for job in jobs]
+                continue
+        units += batches
+    return units
+
+
+# ----------------------------------------------------------------------------- the optimizer
+class BatchedAdam:
+    """Adam over stacked parameters (K, ...) with a learning rate and a weight decay per model: decoupled (AdamW,
+    the arithmetic of torch.optim.AdamW) or as an L2 gradient term (torch.optim.Adam); orthogonal: ⊥Grad before
+    the update (experiment.orthogonal_gradients, per model)."""
+
+    def __init__(self, params: list, cfgs: list, decoupled: bool = True, orthogonal: bool = False):
+        cfg = cfgs[0]
+        self.params, self.decoupled, self.orthogonal = params, decoupled, orthogonal
+        self.betas, self.eps, self.t = (cfg.beta1, cfg.beta2), 1e-8, 0
+        self.lr = torch.tensor([c.lr for c in cfgs], dtype=torch.float64)
+        self.wd = torch.tensor([c.weight_decay for c in cfgs], dtype=torch.float64)
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def keep(self, index: torch.Tensor, params: list) -> None:
+        """Only the models at index go on (the others finished), with params their new stack."""
+        self.params = params
+        self.m = [m[index.to(m.device)] for m in self.m]
+        self.v = [v[index.to(v.device)] for v in self.v]
+        self.lr, self.wd = self.lr[index], self.wd[index]
+
+    @torch.no_grad()
+    def step(self, multiplier: float) -> None:
+        beta1, beta2 = self.betas
+        self.t += 1
+        lr = self.lr * multiplier
+        bias1, bias2_sqrt = 1 - beta1 ** self.t, (1 - beta2 ** self.t) ** 0.5
+        for p, m, v in zip(self.params, self.m, self.v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            g = p.grad
+            if self.orthogonal:
+                dims = tuple(range(1, p.dim()))
+                along = (p * g).sum(dims, keepdim=True) / ((p * p).sum(dims, keepdim=True) + 1e-30)
+                orthogonal = g - along * p
+                g = orthogonal * (g.flatten(1).norm(dim=1) / (orthogonal.flatten(1).norm(dim=1) + 1e-30)).view(shape)
+            if self.decoupled:
+                p.mul_((1 - lr * self.wd).to(p).view(shape))
+            else:
+                g = g + self.wd.to(p).view(shape) * p
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
+            p.sub_(m / denom * (lr / bias1).to(p).view(shape))
+            p.grad = None
+
+
+BATCHED_OPTIMIZERS = {  # experiment.OPTIMIZERS name -> (stacked params, per-job configs) -> BatchedAdam
+    "adamw": lambda params, cfgs: BatchedAdam(params, cfgs),
+    "adam": lambda params, cfgs: BatchedAdam(params, cfgs, decoupled=False),
+    "perp_adamw": lambda params, cfgs: BatchedAdam(params, cfgs, orthogonal=True),
+}
+
+
+# ----------------------------------------------------------------------------- the stack
+class Stack:
+    """The K models of a batch as one: stacked parameters whose slices the models' own parameters view."""
+
+    def __init__(self, models: list):
+        self.models, self.base = models, models[0]
+        params, buffers = stack_module_state(models)
+        self.names = list(params)
+        self.params = {name: t.detach().requires_grad_(True) for name, t in params.items()}
+        self.buffers = {name: t.detach() for name, t in buffers.items()}
+        self._bind()
+        kwargs = getattr(self.base, "forward_kwargs", None)
+        self.forward_kwargs = kwargs if callable(kwargs) else lambda tokens: {}
+
+    def _bind(self) -> None:
+        for k, model in enumerate(self.models):
+            for name, p in model.named_parameters():
+                p.data = self.params[name].data[k]
+            for name, b in model.named_buffers():
+                b.data = self.buffers[name][k]
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the models at index; the others get their own copies of their weights."""
+        kept = set(index.tolist())
+        for k, model in enumerate(self.models):
+            if k not in kept:
+                for t in (*model.parameters(), *model.buffers()):
+                    t.data = t.data.clone()
+        device_index = index.to(next(iter(self.params.values())).device)
+        self.models = [self.models[k] for k in index.tolist()]
+        self.base = self.models[0]
+        self.params = {n: t.detach()[device_index].requires_grad_(True) for n, t in self.params.items()}
+        self.buffers = {n: t[device_index] for n, t in self.buffers.items()}
+        self._bind()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (K, n, n_classes) of the K models on tokens (K, n, seq)."""
+        kwargs = self.forward_kwargs(tokens)
+
+        def one(params, buffers, x):
+            return functional_call(self.base, (params, buffers), (x,), kwargs)
+
+        return vmap(one)(self.params, self.buffers, tokens)
+
+
+# ----------------------------------------------------------------------------- training
+def pad_rows(tensors: list) -> tuple[torch.Tensor, list]:
+    """Tensors (n_k, ...) stacked to (K, max n_k, ...), short ones repeating their last row; and the n_k."""
+    longest = max(len(t) for t in tensors)
+    return torch.stack([torch.cat([t, t[-1:].expand(longest - len(t), *t.shape[1:])]) for t in tensors]), \
+        [len(t) for t in tensors]
+
+
+def train_group(E, cfg, jobs: list, report=None) -> list:
+    """Train jobs (same shape_key) as one batch; write each job's folder as train_one would. Returns their
+    records, in order."""
+    from lab import runner
+
+    start = time.perf_counter()
+    runs = [E.prepare(cfg, job) for job in jobs]
+    for k, run in enumerate(runs):
+        run.batch = (k, len(runs))
+    cfgs = [run.cfg for run in runs]
+    cfg0, device = cfgs[0], runs[0].device
+    stack = Stack([run.model for run in runs])
+    optimizer = BATCHED_OPTIMIZERS[cfg0.optimizer](list(stack.params.values()), cfgs)
+    schedule = E.SCHEDULES[cfg0.schedule](cfg0)
+    samplers = [E.SAMPLERS[c.sampler](len(run.y_train), c, device, run.seeds["batch_seed"])
+                for c, run in zip(cfgs, runs)]
+    loss_fn = runs[0].loss
+    autocast = runs[0].autocast
+    for run in runs:
+        run.hooks.on_train_begin(run)
+
+    x_val, n_val = pad_rows([run.x_val for run in runs])
+    y_val, _ = pad_rows([run.y_val for run in runs])
+    active = list(range(len(runs)))  # runs[active[i]] is row i of the stack
+    loss_sum = torch.zeros(len(runs), device=device)
+    correct = torch.zeros(len(runs), device=device, dtype=torch.long)
+    seen = rows = 0
+    first_grok = [None] * len(runs)
+    records = [None] * len(runs)
+    for step in range(1, cfg0.steps + 1):
+        if runner.STOP.is_set():  # a stop signal: unwind at a known point, as train_one does
+            raise SystemExit(128 + signal.SIGTERM)
+        lr_multiplier = schedule(step - 1)  # the LambdaLR factor of update `step` in train_one
+        picked = [samplers[k](step) for k in active]
+        xb = torch.stack([runs[k].x_train[rows_k] for k, rows_k in zip(active, picked)])
+        yb = torch.stack([runs[k].y_train[rows_k] for k, rows_k in zip(active, picked)])
+        for k in active:
+            runs[k].step = step
+        with autocast():
+            logits = stack(xb)
+        losses = vmap(loss_fn)(logits.float(), yb)  # (K,): each model's own mean loss
+        losses.sum().backward()  # a model's parameters get the gradient of its own loss only
+        optimizer.step(lr_multiplier)
+        loss_sum += losses.detach()
+        correct += (logits.detach().argmax(-1) == yb).sum(-1)
+        seen += 1
+        rows += yb.shape[1]
+        for k in active:
+            runs[k].hooks.on_step_end(runs[k], step)
+        finished = []
+        if step % cfg0.eval_every == 0 or step == cfg0.steps:
+            val_loss, val_acc = evaluate(stack, loss_fn, autocast, x_val[active], y_val[active],
+                                         [n_val[k] for k in active])
+            train_loss, train_correct = [v / seen for v in loss_sum.tolist()], correct.tolist()
+            loss_sum.zero_(), correct.zero_()
+            for i, k in enumerate(active):
+                run = runs[k]
+                # the plugins' run.all_outputs() runs this model's own forward (its val rows too)
+                run.eval_outputs, run.eval_step = {}, None
+                metrics = {"step": step, "train_loss": train_loss[i], "train_acc": train_correct[i] / rows,
+                           "val_loss": val_loss[i], "val_acc": val_acc[i], "lr": cfgs[k].lr * lr_multiplier}
+                if first_grok[k] is None and val_acc[i] > GROKKED_ABOVE:
+                    first_grok[k] = step
+                run.hooks.on_eval(run, step, metrics)
+                run.history.append(metrics)
+                if report:
+                    report(run.job, step, metrics)
+                if step % cfg0.capture_every == 0:
+                    write_jsonl(os.path.join(run.out_dir, LOG), run.history)
+                if val_acc[i] > cfgs[k].stop_at_val_acc:
+                    finished.append(k)
+            seen = rows = 0
+        if cfg0.checkpoint_every and step % cfg0.checkpoint_every == 0:
+            for k in active:
+                runner.save_checkpoint(runs[k], step)
+        if step == cfg0.steps:
+            finished = list(active)
+        for k in finished:
+            records[k] = finish(runner, runs[k], first_grok[k], time.perf_counter() - start)
+        if finished and step < cfg0.steps:
+            keep = [i for i, k in enumerate(active) if k not in finished]
+            active = [active[i] for i in keep]
+            if not active:
+                break
+            index = torch.tensor(keep)
+            stack.keep(index)
+            optimizer.keep(index, list(stack.params.values()))
+            loss_sum, correct = loss_sum[index.to(device)], correct[index.to(device)]
+    return records
+
+
+@torch.no_grad()
+def evaluate(stack: Stack, loss_fn, autocast, x: torch.Tensor, y: torch.Tensor, n: list) -> tuple[list, list]:
+    """Each model's (val loss, val accuracy) on its own first n[k] rows of x (K, max n, seq), in one pass."""
+    for model in stack.models:
+        model.eval()
+    try:
+        with autocast():
+            logits = stack(x).float()
+    finally:
+        for model in stack.models:
+            model.train()
+    losses, accuracies = [], []
+    for k, n_k in enumerate(n):
+        losses.append(loss_fn(logits[k, :n_k], y[k, :n_k]).item())
+        accuracies.append((logits[k, :n_k].argmax(-1) == y[k, :n_k]).float().mean().item())
+    return losses, accuracies
+
+
+def finish(runner, run, step_val_acc_99, seconds: float) -> dict:
+    """A job's final_info and files, as train_one writes them."""
+    last = run.history[-1]
+    final_info = {
+        "final_train_loss": last["train_loss"],
+        "final_val_loss": last["val_loss"],
+        "final_train_acc": last["train_acc"],
+        "final_val_acc": last["val_acc"],
+        "step_val_acc_99": step_val_acc_99 if step_val_acc_99 is not None else run.cfg.steps,
+        "grokked": step_val_acc_99 is not None,
+    }
+    run.hooks.on_train_end(run, final_info)
+    return runner.write_job(run.cfg, run.job, run, final_info, seconds)
+
+
+# ----------------------------------------------------------------------------- auto: is a batch faster here?
+def time_batch(E, cfg, jobs: tuple, repeats: int = 3) -> dict:
+    """Median seconds per update of the jobs' models trained as one batch and one by one (train_one's update),
+    on throwaway models and random batches of this shape (no RNG of a job is touched, no file written)."""
+    import statistics
+
+    from lab import runner
+
+    rng_state = torch.get_rng_state()
+    try:
+        cfgs = [dataclasses.replace(cfg, **dict(job.overrides)) for job in jobs]
+        device = runner.device_of(cfgs[0])
+        task = E.task_of(cfgs[0], jobs[0].op)
+        torch.manual_seed(0)
+        models = [E.build_model(c, task).to(device) for c in cfgs]
+        batch = shape_key(E, cfg, jobs[0])[-1]
+        x = task.x[torch.randint(len(task.y), (len(jobs), batch))].to(device)
+        y = task.y[torch.randint(len(task.y), (len(jobs), batch))].to(device)
+        loss_fn = E.LOSSES[cfgs[0].loss]
+        stack = Stack([E.build_model(c, task).to(device) for c in cfgs])
+        optimizer = BATCHED_OPTIMIZERS[cfgs[0].optimizer](list(stack.params.values()), cfgs)
+        optimizers = [E.OPTIMIZERS[c.optimizer](m.parameters(), c) for c, m in zip(cfgs, models)]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        def batched():
+            vmap(loss_fn)(stack(x).float(), y).sum().backward()
+            optimizer.step(1.0)
+
+        def one_by_one():
+            for k, (model, opt) in enumerate(zip(models, optimizers)):
+                loss = loss_fn(model(x[k]).float(), y[k])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        def seconds(fn):
+            fn(), fn()  # warm-up
+            times = []
+            for _ in range(repeats):
+                sync()
+                begin = time.perf_counter()
+                fn(), fn()
+                sync()
+                times.append((time.perf_counter() - begin) / 2)
+            return statistics.median(times)
+
+        t_batched, t_single = seconds(batched), seconds(one_by_one)
+    finally:
+        torch.set_rng_state(rng_state)
+    speedup = t_single / t_batched
+    return {"models": len(jobs), "device": str(device), "seconds_batched": t_batched,
+            "seconds_one_by_one": t_single, "speedup": speedup, "batched": speedup >= AUTO_MARGIN}
+
+
+AUTO_MARGIN = 1.2  # auto batches where it measures at least this speed-up: a near tie stays one by one
