@@ -20,6 +20,7 @@ import inspect
 import os
 import signal
 import time
+from typing import NamedTuple
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -89,43 +90,54 @@ def describe(key: tuple) -> str:
     return " ".join([f"vocab {n_vocab}, {n_classes} classes, batch {batch}", *(f"{k}={v}" for k, v in overrides)])
 
 
-def plan(E, cfg, todo: list, workers: int, say) -> list[tuple]:
-    """The units of work of todo: tuples of jobs, one (a sequential run) or many (a batch). Jobs batch by
-    shape_key; a key's jobs are split into `workers` batches when there are several workers (one per core)."""
+class Unit(NamedTuple):
+    """What one worker trains at a time: one job one by one (experiment.train_one), or jobs as a batch."""
+    jobs: tuple
+    batched: bool
+
+    def __len__(self):
+        return len(self.jobs)
+
+
+def plan(E, cfg, todo: list, workers: int, say) -> list[Unit]:
+    """The units of work of todo. Jobs batch by shape_key, a key's jobs split into up to `workers` batches of at
+    least two (one per core). A batched job always trains through train_group, alone too (after a resume), so its
+    numbers never depend on what else is in its batch. auto times each key once per out_dir (DECISIONS)."""
     if cfg.batched == "off":
-        return [(job,) for job in todo]
+        return [Unit((job,), False) for job in todo]
     from lab import sweep
 
     reasons = {cell: why_not(E, sweep.cell_config(cfg, cell)) for cell in sweep.cells(cfg)}
     by_key, units = {}, []
     for job in todo:
         if reasons[job.overrides]:
-            units.append((job,))
+            units.append(Unit((job,), False))
         else:
             by_key.setdefault(shape_key(E, cfg, job), []).append(job)
     for reason in dict.fromkeys(r for r in reasons.values() if r):
-        say(f"batched training: off for some jobs: {reason}; they train one by one")
-    decisions = read_json(os.path.join(cfg.out_dir, DECISIONS)) if os.path.exists(
-        os.path.join(cfg.out_dir, DECISIONS)) else {}
+        say(f"batched training: off{'' if all(reasons.values()) else ' for some jobs'}: {reason}; "
+            "they train one by one")
+    path = os.path.join(cfg.out_dir, DECISIONS)
+    decisions = read_json(path) if os.path.exists(path) else {}
     for key, jobs in by_key.items():
-        if len(jobs) == 1:
-            units.append((jobs[0],))
-            continue
-        size = -(-len(jobs) // min(workers, len(jobs)))  # one batch per worker
+        size = max(2, -(-len(jobs) // workers))  # one batch per worker, of two models at least
         batches = [tuple(jobs[i:i + size]) for i in range(0, len(jobs), size)]
         if cfg.batched == "auto":
             name = describe(key)
-            if name not in decisions:
+            if name not in decisions and len(jobs) > 1:
                 decisions[name] = time_batch(E, cfg, batches[0])
-                write_json(os.path.join(cfg.out_dir, DECISIONS), decisions)
-            decision = decisions[name]
-            say(f"batched training ({name}): {len(batches[0])} models at once train "
-                f"{decision['speedup']:.2f}x as many steps per second as one by one on {decision['device']}: "
-                f"{'batched' if decision['batched'] else 'one by one'} (auto)")
-            if not decision["batched"]:
-                units += [(job,) for job in jobs]
+                write_json(path, decisions)
+            decision = decisions.get(name)
+            if decision is None:  # a lone job, never timed: one by one
+                units.append(Unit(batches[0], False))
                 continue
-        units += batches
+            say(f"batched training ({name}): {decision['models']} models at once train "
+                f"{decision['speedup']:.2f}x the updates per second of one by one on {decision['device']}: "
+                f"{'batched' if decision['batched'] else 'one by one'} (auto; {DECISIONS})")
+            if not decision["batched"]:
+                units += [Unit((job,), False) for job in jobs]
+                continue
+        units += [Unit(batch, True) for batch in batches]
     return units
 
 

@@ -230,18 +230,19 @@ def _exit_quietly(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def unit_label(unit: tuple) -> str:
-    return label(unit[0]) if len(unit) == 1 else f"a batch of {len(unit)} models ({label(unit[0])}, ...)"
+def unit_label(unit) -> str:
+    first = label(unit.jobs[0])
+    return f"a batch of {len(unit)} models ({first}{', ...' if len(unit) > 1 else ''})" if unit.batched else first
 
 
-def train_unit(train_one, cfg, unit: tuple, report) -> list:
-    """Train a unit of plan(): one job by train_one, or a batch of jobs by lab/batched.py. Their records."""
-    if len(unit) == 1:
-        return [train_one(cfg, unit[0], report=report)]
-    return batched.train_group(sys.modules[train_one.__module__], cfg, list(unit), report=report)
+def train_unit(train_one, cfg, unit, report) -> list:
+    """Train a unit of batched.plan(): one job by train_one, or a batch by lab/batched.py. Their records."""
+    if not unit.batched:
+        return [train_one(cfg, job, report=report) for job in unit.jobs]
+    return batched.train_group(sys.modules[train_one.__module__], cfg, list(unit.jobs), report=report)
 
 
-def _train_in_worker(train_one, cfg, unit: tuple, threads: int, conn) -> None:
+def _train_in_worker(train_one, cfg, unit, threads: int, conn) -> None:
     """train_unit in a child process: progress, then each record or the error, go back through `conn`.
 
     The child ignores Ctrl-C: the parent stops it with SIGTERM, on which the training loop unwinds at its
@@ -399,7 +400,7 @@ def _main_locked(E, cfg) -> dict:
     try:
         units = batched.plan(E, cfg, todo, workers, progress.line)
         workers = min(workers, max(1, len(units)))
-        batches = [unit for unit in units if len(unit) > 1]
+        batches = [unit for unit in units if unit.batched]
         progress.line(f"training {len(todo)} (op, seed) pairs ({sum(map(len, batches))} of them in {len(batches)} "
                       f"batches of models) on {device_of(cfg)} with {workers} worker(s) x {threads} thread(s) "
                       f"into {cfg.out_dir}")
