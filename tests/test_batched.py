@@ -103,27 +103,25 @@ def test_a_job_trains_to_the_same_numbers_whatever_else_is_in_its_batch(tmp_path
         (tmp_path / "b" / "x_plus_y_5" / "log.jsonl").read_bytes()
 
 
-GROKS = ["--ops=x_plus_y", "--seeds=2", "--p=31", "--d_model=64", "--lr=2e-3", "--weight_decay=1.0",
-         "--train_frac=0.7", "--steps=2000", "--stop_at_val_acc=0.99", "--capture_every=500", "--workers=1",
+GROKS = ["--ops=x_plus_y", "--p=31", "--d_model=64", "--lr=2e-3", "--weight_decay=1.0", "--train_frac=0.7",
+         "--steps=2000", "--stop_at_val_acc=0.99", "--capture_every=500", "--measure=false", "--workers=1",
          "--progress=lines"]  # tests/test_science.py's grokking config; a model leaves its batch when it groks
 
 
 def test_batched_and_sequential_reach_the_same_grokking_outcome(tmp_path):
+    """Seed 0 alone and in a batch of two (seed 1 beside it): both grok, at about the same step."""
     outcome = {}
-    for mode in ("on", "off"):
-        proc = run_script("experiment.py", [f"--out_dir=run_{mode}", *GROKS, f"--batched={mode}"], tmp_path,
-                          timeout=900)
+    for mode, seeds in (("on", 2), ("off", 1)):
+        proc = run_script("experiment.py", [f"--out_dir=run_{mode}", *GROKS, f"--seeds={seeds}", f"--batched={mode}"],
+                          tmp_path, timeout=900)
         assert ("in 1 batches" in proc.stderr) == (mode == "on"), proc.stderr
         outcome[mode] = read_json(tmp_path / f"run_{mode}" / "final_info.json")["x_plus_y"]["final_info_dict"]
-    for mode in ("on", "off"):
-        assert outcome[mode]["grokked"] == [True, True]
-        assert all(v > 0.99 for v in outcome[mode]["final_val_acc"])
-    steps = [outcome[mode]["step_val_acc_99"] for mode in ("on", "off")]
-    assert all(abs(a - b) <= 0.2 * b for a, b in zip(*steps)), steps  # chaotic in principle; the same here
-    for seed in (0, 1):
-        files = [sorted(p.relative_to(tmp_path / f"run_{mode}") for p in
-                        (tmp_path / f"run_{mode}").glob(f"x_plus_y_{seed}/**/*")) for mode in ("on", "off")]
-        assert files[0] == files[1] and len(files[0]) > 5
+    assert outcome["on"]["grokked"] == [True, True] and outcome["off"]["grokked"] == [True]
+    assert all(v > 0.99 for mode in ("on", "off") for v in outcome[mode]["final_val_acc"])
+    step_on, step_off = outcome["on"]["step_val_acc_99"][0], outcome["off"]["step_val_acc_99"][0]
+    assert abs(step_on - step_off) <= 0.2 * step_off, (step_on, step_off)  # chaotic in principle: a margin
+    names = [sorted(p.name for p in (tmp_path / f"run_{mode}" / "x_plus_y_0").iterdir()) for mode in ("on", "off")]
+    assert names[0] == names[1] and "model.safetensors" in names[0]
     run = read_json(tmp_path / "run_on" / "x_plus_y_1" / "run.json")
     assert run["batch"] == {"index": 1, "models": 2}
 
