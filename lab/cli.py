@@ -13,7 +13,7 @@ import torch
 from lab.ops import is_prime
 from lab.plugins import UsageError
 
-RUNTIME_FIELDS = ("out_dir", "workers", "overwrite", "progress")  # fields that never change a number
+RUNTIME_FIELDS = ("out_dir", "workers", "overwrite", "progress", "ray_address")  # fields that never change a number
 REGISTRY_FIELDS = {"model": "MODELS", "loss": "LOSSES", "optimizer": "OPTIMIZERS", "schedule": "SCHEDULES",
                    "sampler": "SAMPLERS"}  # Config field -> the registry of experiment.py that names its values
 

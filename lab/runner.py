@@ -382,16 +382,23 @@ def lock_out_dir(out_dir: str):
 def main(E, cfg) -> dict:
     """Train every unfinished job of cfg with E.train_one, then write final_info.json (and the template's
     all_results files)."""
+    cluster_cpus = None
+    if cfg.ray_address:  # before any file is written: an unreachable cluster is bad input
+        from lab import raycluster
+
+        cluster_cpus = raycluster.connect(cfg.ray_address)
     lock = lock_out_dir(cfg.out_dir)
     try:
-        return _main_locked(E, cfg)
+        return _main_locked(E, cfg, cluster_cpus)
     finally:
         lock.close()
 
 
-def _main_locked(E, cfg) -> dict:
+def _main_locked(E, cfg, cluster_cpus=None) -> dict:
     todo = prepare_out_dir(cfg, E)
     workers, threads = resolved_workers(cfg, max(1, len(todo)))
+    if cluster_cpus:
+        workers = max(1, cluster_cpus // threads)
     progress = Progress(cfg, sum(dataclasses.replace(cfg, **dict(job.overrides)).steps for job in todo))
     for job in jobs_of(cfg):
         if job not in todo:
@@ -401,10 +408,16 @@ def _main_locked(E, cfg) -> dict:
         units = batched.plan(E, cfg, todo, workers, progress.line)
         workers = min(workers, max(1, len(units)))
         batches = [unit for unit in units if unit.batched]
+        where = f"the Ray cluster at {cfg.ray_address} ({workers} CPUs)" if cluster_cpus else (
+            f"{device_of(cfg)} with {workers} worker(s) x {threads} thread(s)")
         progress.line(f"training {len(todo)} (op, seed) pairs ({sum(map(len, batches))} of them in {len(batches)} "
-                      f"batches of models) on {device_of(cfg)} with {workers} worker(s) x {threads} thread(s) "
-                      f"into {cfg.out_dir}")
-        train_jobs(E.train_one, cfg, units, workers, threads, progress)
+                      f"batches of models) on {where} into {cfg.out_dir}")
+        if cluster_cpus:
+            from lab import raycluster
+
+            raycluster.train_on_ray(E.train_one, cfg, units, threads, progress, _finished, unit_label, WorkerError)
+        else:
+            train_jobs(E.train_one, cfg, units, workers, threads, progress)
     finally:
         progress.close()
 

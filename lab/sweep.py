@@ -23,6 +23,8 @@ NOT_SWEPT = {
     "capture_dtype": "it changes no trained number", "measure": "it changes no trained number",
     "measure_every": "it changes no trained number", "measure_sparse_every": "it changes no trained number",
     "measure_dense_after": "it changes no trained number",
+    "batched": "it sets how jobs train, not what they are: set --batched beside --sweep",
+    "ray_address": "it changes no number",
 }
 
 

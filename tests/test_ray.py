@@ -1,0 +1,84 @@
+"""Training on a real Ray cluster that the test starts on 127.0.0.1 (`ray start --head`) and stops: the same
+numbers as this machine's pool, a dying worker retried, a failure reported in one line with finished jobs kept,
+and an address where no cluster answers refused before any file is written."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY, read_json, run_script
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tmp_path_factory.mktemp("ray")
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                   check=True, capture_output=True, timeout=300)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=300)
+
+
+def test_a_run_on_the_cluster_gives_the_numbers_of_a_local_run(cluster, tmp_path):
+    args = [*TINY, "--batched=on"]
+    run_script("experiment.py", ["--out_dir=local", *args, "--workers=2"], tmp_path)
+    proc = run_script("experiment.py", ["--out_dir=ray", *args, f"--ray_address={cluster}"], tmp_path)
+    assert f"on the Ray cluster at {cluster} (2 CPUs)" in proc.stderr and "in 2 batches" in proc.stderr
+    assert read_json(tmp_path / "ray" / "final_info.json") == read_json(tmp_path / "local" / "final_info.json")
+    for job in ("x_plus_y_0", "permutation_1"):
+        for name in ("log.jsonl", "measures.jsonl", "model.safetensors"):
+            assert (tmp_path / "ray" / job / name).read_bytes() == (tmp_path / "local" / job / name).read_bytes()
+    again = run_script("experiment.py", ["--out_dir=ray", *args, f"--ray_address={cluster}"], tmp_path)
+    assert again.stderr.count("already finished") == 4
+
+
+DIES = """import os
+import experiment
+
+
+class Dies(experiment.Plugin):
+    name = "dies"
+
+    def on_train_begin(self, run):
+        marker = os.path.join(run.cfg.out_dir, f"died_{run.op}_{run.seed}")
+        if run.op == "x_plus_y" and run.seed == 1 and (ALWAYS or not os.path.exists(marker)):
+            open(marker, "w").close()
+            os._exit(3)  # the worker process dies, as on a lost node
+"""
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_a_dying_worker_is_retried_once_then_reported_in_one_line(cluster, tmp_path, always):
+    (tmp_path / "dies.py").write_text(DIES.replace("ALWAYS", str(always)))
+    args = ["--out_dir=r", *TINY, "--ops=x_plus_y", "--seeds=3", "--capture=false", "--measure=false",
+            f"--plugins={tmp_path / 'dies.py'}", f"--ray_address={cluster}"]
+    proc = run_script("experiment.py", args, tmp_path, check=False)
+    finished = sorted(p.name for p in (tmp_path / "r").glob("final_info_*.json"))
+    if not always:
+        assert proc.returncode == 0, proc.stderr
+        assert finished == [f"final_info_x_plus_y_{s}.json" for s in range(3)]
+        assert (tmp_path / "r" / "final_info.json").exists()
+        return
+    own = [line for line in proc.stderr.splitlines() if line.startswith("experiment.py:")]
+    assert proc.returncode == 1 and len(own) == 1, proc.stderr
+    assert "the Ray task training x_plus_y seed 1 failed (a dead worker is retried once)" in own[0]
+    assert "final_info_x_plus_y_1.json" not in finished and not (tmp_path / "r" / "final_info.json").exists()
+
+
+def test_an_address_where_no_cluster_answers_is_refused_before_any_file(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    proc = run_script("experiment.py", ["--out_dir=r", *TINY, f"--ray_address=127.0.0.1:{port}"], tmp_path,
+                      check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "no Ray cluster answers there" in proc.stderr and os.listdir(tmp_path) == []
