@@ -324,9 +324,8 @@ class Transformer(nn.Module):
 
     def forward_kwargs(self, tokens: torch.Tensor) -> dict:
         """forward's arguments decided from the tokens (batch..., seq) of one or of many models at once."""
-        middle = tokens[..., 1:tokens.shape[-1] - 2]
-        return {"shared": self.shared_prefix and tokens.shape[-1] > 2
-                and not bool((middle != middle.reshape(-1, middle.shape[-1])[:1]).any())}
+        middle = tokens[..., 1:tokens.shape[-1] - 2].flatten(0, -2)  # (rows, n_prefix - 1): the op token, or nothing
+        return {"shared": self.shared_prefix and tokens.shape[-1] > 2 and not bool((middle != middle[:1]).any())}
 
     def token_embedding_matrix(self) -> torch.Tensor:
         return self.token_embeddings.weight

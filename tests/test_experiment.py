@@ -333,7 +333,9 @@ def test_ctrl_c_while_children_start_up_is_one_line(tmp_path):
     """A child still importing torch when Ctrl-C comes must not print a KeyboardInterrupt traceback."""
     args = ["--out_dir=run_c", *TINY, "--workers=2"]
     proc = start_experiment(args, tmp_path, new_session=True)
-    first = proc.stderr.readline()  # printed just before the children are started
+    first = proc.stderr.readline()  # printed just before the children are started (after batched training's lines)
+    while first.startswith("batched training"):
+        first = proc.stderr.readline()
     assert first.startswith("training")
     time.sleep(0.3)  # the children are now importing torch
     workers = [p for p in child_pids(proc.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
