@@ -102,7 +102,7 @@ class Config:
     rqi_tol: float = 0.1  # rqi plugin: a parallelogram closes when its unit phases differ by less
     batched: str = "auto"  # train same-shape models as one stacked model: on, off, auto (where measured faster)
     workers: int = 0  # parallel (op, seed) processes; 0 = one per core (one on a GPU)
-    ray_address: str = ""  # HOST:PORT of a Ray cluster to train on (out_dir on a shared filesystem); "": this machine
+    ray_address: str = ""  # HOST:PORT of a Ray cluster to train on (out_dir on a shared filesystem); "": train locally
     threads: int = 0  # torch threads per (op, seed); 0 = 1 on a CPU. Other counts round differently
     overwrite: bool = False  # discard results in out_dir made with another config
     progress: str = "auto"  # auto (a bar on a terminal, plain lines otherwise), bar, lines or none
