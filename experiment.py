@@ -100,7 +100,7 @@ class Config:
     grokfast_window: int = 100  # grokfast plugin, filter ma: gradients averaged (added once the window is full)
     fourier_topk: int = 5  # fourier plugin: how many key frequencies
     rqi_tol: float = 0.1  # rqi plugin: a parallelogram closes when its unit phases differ by less
-    batched: str = "auto"  # train same-shape models as one stacked model: on, off, auto (where measured faster)
+    batched: str = "auto"  # train same-shape models as one stacked model: on, off or auto (on a GPU, not on a CPU)
     workers: int = 0  # parallel (op, seed) processes; 0 = one per core (one on a GPU)
     ray_address: str = ""  # HOST:PORT of a Ray cluster to train on (out_dir on a shared filesystem); "": train locally
     threads: int = 0  # torch threads per (op, seed); 0 = 1 on a CPU. Other counts round differently

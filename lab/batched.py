@@ -25,13 +25,16 @@ from typing import NamedTuple
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from lab.files import read_json, write_json, write_jsonl
+from lab.files import write_jsonl
 from lab.plugins import Plugin
 from lab.schema import GROKKED_ABOVE, LOG
 
 PER_MODEL = ("lr", "weight_decay", "train_frac", "init_scale")  # Config fields that may differ inside one batch
 BATCHABLE_HOOKS = ("init_model", "on_train_begin", "on_step_end", "on_eval", "on_train_end")
-DECISIONS = "batched.json"  # out_dir/batched.json: auto's timings and decisions, reused on resume
+# --batched=auto: device type -> batch? A rule, not a timing taken at run time: a timing near a tie would make
+# the same config give other numbers (float rounding) from one run to the next. From tests/bench_batched.py's
+# whole-run measurements (docs/batched.md, "Speed").
+AUTO = {"cuda": True, "cpu": False}
 
 # The source of experiment.train_one and of the optimizers that train_group mirrors. An edited train_one (a new
 # loss term, gradient clipping) would not reach a batch: its jobs then train one by one, with a line saying so.
@@ -102,11 +105,13 @@ class Unit(NamedTuple):
 def plan(E, cfg, todo: list, workers: int, say) -> list[Unit]:
     """The units of work of todo. Jobs batch by shape_key, a key's jobs split into up to `workers` batches of at
     least two (one per core). A batched job always trains through train_group, alone too (after a resume), so its
-    numbers never depend on what else is in its batch. auto times each key once per out_dir (DECISIONS)."""
-    if cfg.batched == "off":
-        return [Unit((job,), False) for job in todo]
-    from lab import sweep
+    numbers never depend on what else is in its batch."""
+    from lab import runner, sweep
 
+    device = runner.device_of(cfg).type
+    on = cfg.batched == "on" or (cfg.batched == "auto" and AUTO.get(device, False))
+    if not on:
+        return [Unit((job,), False) for job in todo]
     reasons = {cell: why_not(E, sweep.cell_config(cfg, cell)) for cell in sweep.cells(cfg)}
     by_key, units = {}, []
     for job in todo:
@@ -117,27 +122,9 @@ def plan(E, cfg, todo: list, workers: int, say) -> list[Unit]:
     for reason in dict.fromkeys(r for r in reasons.values() if r):
         say(f"batched training: off{'' if all(reasons.values()) else ' for some jobs'}: {reason}; "
             "they train one by one")
-    path = os.path.join(cfg.out_dir, DECISIONS)
-    decisions = read_json(path) if os.path.exists(path) else {}
-    for key, jobs in by_key.items():
+    for jobs in by_key.values():
         size = max(2, -(-len(jobs) // workers))  # one batch per worker, of two models at least
-        batches = [tuple(jobs[i:i + size]) for i in range(0, len(jobs), size)]
-        if cfg.batched == "auto":
-            name = describe(key)
-            if name not in decisions and len(jobs) > 1:
-                decisions[name] = time_batch(E, cfg, batches[0])
-                write_json(path, decisions)
-            decision = decisions.get(name)
-            if decision is None:  # a lone job, never timed: one by one
-                units.append(Unit(batches[0], False))
-                continue
-            say(f"batched training ({name}): {decision['models']} models at once train "
-                f"{decision['speedup']:.2f}x the updates per second of one by one on {decision['device']}: "
-                f"{'batched' if decision['batched'] else 'one by one'} (auto; {DECISIONS})")
-            if not decision["batched"]:
-                units += [Unit((job,), False) for job in jobs]
-                continue
-        units += [Unit(batch, True) for batch in batches]
+        units += [Unit(tuple(jobs[i:i + size]), True) for i in range(0, len(jobs), size)]
     return units
 
 
@@ -372,7 +359,7 @@ def finish(runner, run, step_val_acc_99, seconds: float) -> dict:
     return runner.write_job(run.cfg, run.job, run, final_info, seconds)
 
 
-# ----------------------------------------------------------------------------- auto: is a batch faster here?
+# ----------------------------------------------------------------------------- timing (tests/bench_batched.py)
 def time_batch(E, cfg, jobs: tuple, repeats: int = 3) -> dict:
     """Median seconds per update of the jobs' models trained as one batch and one by one (train_one's update),
     on throwaway models and random batches of this shape (no RNG of a job is touched, no file written)."""
@@ -423,7 +410,4 @@ def time_batch(E, cfg, jobs: tuple, repeats: int = 3) -> dict:
         torch.set_rng_state(rng_state)
     speedup = t_single / t_batched
     return {"models": len(jobs), "device": str(device), "seconds_batched": t_batched,
-            "seconds_one_by_one": t_single, "speedup": speedup, "batched": speedup >= AUTO_MARGIN}
-
-
-AUTO_MARGIN = 1.2  # auto batches where it measures at least this speed-up: a near tie stays one by one
+            "seconds_one_by_one": t_single, "speedup": speedup}

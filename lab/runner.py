@@ -157,8 +157,7 @@ def prepare_out_dir(cfg, E) -> list:
         if changed:
             for name in os.listdir(cfg.out_dir):
                 path = os.path.join(cfg.out_dir, name)
-                if name.startswith("final_info") or name.startswith("all_results") or name in (
-                        CONFIG, SWEEP, batched.DECISIONS):
+                if name.startswith("final_info") or name.startswith("all_results") or name in (CONFIG, SWEEP):
                     os.remove(path)
                 elif os.path.isdir(path) and (any(name.startswith(f"{op}_") for op in E.OPS)
                                               or "=" in name and os.path.exists(os.path.join(path, CONFIG))):

@@ -164,3 +164,21 @@ def test_a_killed_batch_resumes_to_the_uninterrupted_results(tmp_path):
         for path in (f"x_plus_y_{seed}/log.jsonl", f"x_plus_y_{seed}/model.safetensors",
                      f"final_info_x_plus_y_{seed}.json"):
             assert (tmp_path / "killed" / path).read_bytes() == (tmp_path / "clean" / path).read_bytes(), path
+
+
+def test_plan_batches_same_shapes_per_worker_and_auto_is_a_rule_per_device(tmp_path):
+    cfg = E.Config(out_dir=str(tmp_path), ops=("x_plus_y", "x_minus_y", "permutation"), seeds=3, batched="on",
+                   device="cpu", sweep="lr=0.001,0.002")
+    jobs = [Job(op, seed, cell) for cell in ((("lr", 0.001),), (("lr", 0.002),)) for op in cfg.ops
+            for seed in range(3)]
+    units = batched.plan(E, cfg, jobs, workers=2, say=print)
+    assert all(unit.batched for unit in units)
+    assert sorted(map(len, units)) == [3, 3, 6, 6]  # x+y and x-y share a shape (12 jobs), S3 has its own (6)
+    assert {job.op for unit in units for job in unit.jobs if len(unit) == 3} == {"permutation"}
+    auto = dataclasses.replace(cfg, batched="auto")
+    assert batched.AUTO == {"cuda": True, "cpu": False}
+    assert not any(unit.batched for unit in batched.plan(E, auto, jobs, workers=2, say=print))
+    said = []
+    grokfast = dataclasses.replace(cfg, plugins=("grokfast",))
+    assert not any(u.batched for u in batched.plan(E, grokfast, jobs, workers=2, say=said.append))
+    assert len(said) == 1 and "grokfast is written for one model" in said[0]
