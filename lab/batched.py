@@ -10,8 +10,8 @@ of its own loss only (tests/test_batched.py checks it, perturbing one model's da
 
 Differences from the sequential run are float rounding: batched matrix multiplies block their sums otherwise,
 and the optimizer below is the arithmetic of torch's AdamW written once for the stack (tests/test_batched.py
-gives the tolerance). Config.batched chooses: off, on, or auto (batched where a short timing on this device
-finds it faster; the decision is kept in out_dir, so a resumed run keeps it).
+gives the tolerance). Config.batched chooses: off, on, or auto (AUTO below: batched on a GPU). Reference:
+docs/batched.md.
 """
 
 import dataclasses
@@ -30,7 +30,6 @@ from lab.plugins import Plugin
 from lab.schema import GROKKED_ABOVE, LOG
 
 PER_MODEL = ("lr", "weight_decay", "train_frac", "init_scale")  # Config fields that may differ inside one batch
-BATCHABLE_HOOKS = ("init_model", "on_train_begin", "on_step_end", "on_eval", "on_train_end")
 # --batched=auto: device type -> batch? A rule, not a timing taken at run time: a timing near a tie would make
 # the same config give other numbers (float rounding) from one run to the next. From tests/bench_batched.py's
 # whole-run measurements (docs/batched.md, "Speed").
