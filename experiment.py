@@ -662,6 +662,20 @@ def prepare(cfg: Config, job: Job) -> Run:
     return run
 
 
+def final_info_of(run: Run, step_val_acc_99: int | None) -> dict:
+    """A finished job's final info (before plugins add theirs): its last evaluation and its grokking step."""
+    last = run.history[-1]
+    return {
+        "final_train_loss": last["train_loss"],
+        "final_val_loss": last["val_loss"],
+        "final_train_acc": last["train_acc"],
+        "final_val_acc": last["val_acc"],
+        # The template's convention: never reached -> the step budget; `grokked` says which.
+        "step_val_acc_99": step_val_acc_99 if step_val_acc_99 is not None else run.cfg.steps,
+        "grokked": step_val_acc_99 is not None,
+    }
+
+
 def train_one(cfg: Config, job: Job, report=None) -> dict:
     """Train one job (an op, a seed, and Config overrides); write its folder, then its final_info file.
     (lab/batched.py trains many jobs at once by this loop; change it and they train here, one by one.)"""
@@ -723,16 +737,7 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
                 break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             runner.save_checkpoint(run, step)
-    last = run.history[-1]
-    final_info = {
-        "final_train_loss": last["train_loss"],
-        "final_val_loss": last["val_loss"],
-        "final_train_acc": last["train_acc"],
-        "final_val_acc": last["val_acc"],
-        # The template's convention: never reached -> the step budget; `grokked` says which.
-        "step_val_acc_99": step_val_acc_99 if step_val_acc_99 is not None else cfg.steps,
-        "grokked": step_val_acc_99 is not None,
-    }
+    final_info = final_info_of(run, step_val_acc_99)
     hooks.on_train_end(run, final_info)
     return runner.write_job(cfg, job, run, final_info, time.perf_counter() - start)
 

@@ -38,7 +38,7 @@ AUTO = {"cuda": True, "cpu": False}
 # The source of experiment.train_one and of the optimizers that train_group mirrors. An edited train_one (a new
 # loss term, gradient clipping) would not reach a batch: its jobs then train one by one, with a line saying so.
 # tests/test_batched.py fails when these change, so that whoever changes them updates train_group too.
-MIRRORED = {"train_one": "a047415462", "adamw": "82d65da388", "adam": "9f381a3df1", "perp_adamw": "35f47c1769"}
+MIRRORED = {"train_one": "c0161e78b0", "adamw": "82d65da388", "adam": "9f381a3df1", "perp_adamw": "35f47c1769"}
 
 
 def fingerprint(source: str) -> str:
@@ -312,7 +312,7 @@ def train_group(E, cfg, jobs: list, report=None) -> list:
         if step == cfg0.steps:
             finished = list(active)
         for k in finished:
-            records[k] = finish(runner, runs[k], first_grok[k], time.perf_counter() - start)
+            records[k] = finish(E, runner, runs[k], first_grok[k], time.perf_counter() - start)
         if finished and step < cfg0.steps:
             keep = [i for i, k in enumerate(active) if k not in finished]
             active = [active[i] for i in keep]
@@ -343,17 +343,9 @@ def evaluate(stack: Stack, loss_fn, autocast, x: torch.Tensor, y: torch.Tensor, 
     return losses, accuracies
 
 
-def finish(runner, run, step_val_acc_99, seconds: float) -> dict:
+def finish(E, runner, run, step_val_acc_99, seconds: float) -> dict:
     """A job's final_info and files, as train_one writes them."""
-    last = run.history[-1]
-    final_info = {
-        "final_train_loss": last["train_loss"],
-        "final_val_loss": last["val_loss"],
-        "final_train_acc": last["train_acc"],
-        "final_val_acc": last["val_acc"],
-        "step_val_acc_99": step_val_acc_99 if step_val_acc_99 is not None else run.cfg.steps,
-        "grokked": step_val_acc_99 is not None,
-    }
+    final_info = E.final_info_of(run, step_val_acc_99)
     run.hooks.on_train_end(run, final_info)
     return runner.write_job(run.cfg, run.job, run, final_info, seconds)
 
