@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,6 +25,35 @@ def run_script(script, args, cwd, timeout=600, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def default_sigint():
+    """A shell starts background jobs with SIGINT ignored, and children inherit that: the suite run in the
+    background would start experiment.py deaf to Ctrl-C. Give it a terminal's default, as a user's shell does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_experiment(args, cwd, stderr=subprocess.PIPE, new_session=False):
+    """experiment.py in the background, as a user or a harness starts it."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=cwd,
+                            env={**os.environ, "PYTHONHASHSEED": "0"}, stdout=subprocess.DEVNULL, stderr=stderr,
+                            text=True, start_new_session=new_session, preexec_fn=default_sigint)
+
+
+def wait_for(folder, pattern, poll=0.05, timeout=300):
+    """Until a file matching pattern exists under folder (or the timeout)."""
+    deadline = time.time() + timeout
+    while not list(folder.glob(pattern)) and time.time() < deadline:
+        time.sleep(poll)
+
+
+def kill_when(proc, path, timeout=300):
+    """SIGKILL proc (as a lost machine would) once path exists; returns when it is dead."""
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def read_json(path):

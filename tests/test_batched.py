@@ -4,16 +4,13 @@ killed batch, and the refusals (a plugin written for one model, an edited train_
 import dataclasses
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import experiment as E
-from conftest import ROOT, TINY, read_json, run_script
+from conftest import TINY, kill_when, read_json, run_script, start_experiment
 from lab import batched
 from lab.schema import Job
 
@@ -153,14 +150,9 @@ def test_an_edited_train_one_trains_one_by_one(monkeypatch):
 def test_a_killed_batch_resumes_to_the_uninterrupted_results(tmp_path):
     args = [*TINY, "--ops=x_plus_y", "--seeds=3", "--steps=200", "--capture_every=100", "--batched=on"]
     run_script("experiment.py", ["--out_dir=clean", *args], tmp_path)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), "--out_dir=killed", *args],
-                            cwd=tmp_path, stderr=subprocess.DEVNULL)
+    proc = start_experiment(["--out_dir=killed", *args], tmp_path, stderr=subprocess.DEVNULL)
     log = tmp_path / "killed" / "x_plus_y_2" / "log.jsonl"  # written every 100 steps: the batch is under way
-    deadline = time.time() + 300
-    while not log.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, log)
     assert log.exists() and not (tmp_path / "killed" / "final_info.json").exists()
     run_script("experiment.py", ["--out_dir=killed", *args], tmp_path)
     for seed in range(3):

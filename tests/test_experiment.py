@@ -3,36 +3,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, read_json, run_script
+from conftest import TINY, kill_when, read_json, run_script, start_experiment, wait_for
 
 TEMPLATE_KEYS = ["final_train_loss", "final_val_loss", "final_train_acc", "final_val_acc", "step_val_acc_99"]
-
-
-def default_sigint():
-    """A shell starts background jobs with SIGINT ignored, and children inherit that: the suite run in the
-    background would start experiment.py deaf to Ctrl-C. Give it a terminal's default, as a user's shell does."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start_experiment(args, cwd, stderr=subprocess.PIPE, new_session=False):
-    """experiment.py in the background, as a user or a harness starts it."""
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=cwd,
-                            env={**os.environ, "PYTHONHASHSEED": "0"}, stdout=subprocess.DEVNULL, stderr=stderr,
-                            text=True, start_new_session=new_session, preexec_fn=default_sigint)
-
-
-def wait_for(folder, pattern, poll=0.05, timeout=300):
-    """Until a file matching pattern exists under folder (or the timeout)."""
-    deadline = time.time() + timeout
-    while not list(folder.glob(pattern)) and time.time() < deadline:
-        time.sleep(poll)
 
 
 def child_pids(pid):
@@ -243,11 +222,7 @@ def test_resume_after_kill_gives_the_uninterrupted_results(tiny_run, tmp_path):
     args = ["--out_dir=run_k", *TINY]  # tiny_run's config: the uninterrupted run
     proc = start_experiment(args, tmp_path, stderr=subprocess.DEVNULL)
     first = tmp_path / "run_k" / "final_info_x_plus_y_0.json"
-    deadline = time.time() + 300
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # the second pair has started, or is starting
-    proc.wait()
+    kill_when(proc, first)  # the second pair has started, or is starting
     assert first.exists() and not (tmp_path / "run_k" / "final_info.json").exists()
     before = first.read_text()
     resumed = run_script("experiment.py", args, tmp_path)

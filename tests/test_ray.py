@@ -1,14 +1,17 @@
 """Training on a real Ray cluster that the test starts on 127.0.0.1 (`ray start --head`) and stops: the same
 numbers as this machine's pool, a dying worker retried, a failure reported in one line with finished jobs kept,
-and an address where no cluster answers refused before any file is written."""
+Ctrl-C cancelling the tasks in flight, and an address where no cluster answers refused before any file is
+written."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import TINY, read_json, run_script
+from conftest import TINY, read_json, run_script, start_experiment, wait_for
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -67,6 +70,50 @@ def test_a_dying_worker_is_retried_once_then_reported_in_one_line(cluster, tmp_p
     assert (tmp_path / "r" / "deaths").read_text() == "died\n" * 2  # the first try and one retry
     finished = sorted(p.name for p in (tmp_path / "r").glob("final_info_*.json"))
     assert "final_info_x_plus_y_1.json" not in finished and not (tmp_path / "r" / "final_info.json").exists()
+
+
+HANGS = """import os
+import time
+import experiment
+
+
+class Hangs(experiment.Plugin):
+    name = "hangs"
+
+    def on_train_begin(self, run):
+        hold = os.path.join(run.cfg.out_dir, "..", "hold")
+        if run.seed == 1 and os.path.exists(hold):
+            with open(hold, "w") as f:
+                f.write(str(os.getpid()))
+            while os.path.exists(hold):
+                time.sleep(0.1)
+"""
+
+
+def test_ctrl_c_cancels_the_tasks_in_flight_and_keeps_finished_jobs(cluster, tmp_path):
+    (tmp_path / "hangs.py").write_text(HANGS)
+    (tmp_path / "hold").write_text("")
+    args = ["--out_dir=r", *TINY, "--ops=x_plus_y", "--capture=false", "--measure=false",
+            f"--plugins={tmp_path / 'hangs.py'}", f"--ray_address={cluster}", "--progress=none"]
+    proc = start_experiment(args, tmp_path, new_session=True)
+    wait_for(tmp_path / "r", "final_info_x_plus_y_0.json")
+    deadline = time.time() + 60
+    while not (tmp_path / "hold").read_text() and time.time() < deadline:
+        time.sleep(0.05)
+    worker = int((tmp_path / "hold").read_text())  # the Ray worker training seed 1, held in its plugin
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the driver's process group, not the cluster
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("experiment.py: interrupted")
+    deadline = time.time() + 60
+    while os.path.exists(f"/proc/{worker}") and time.time() < deadline:  # cancelled: the cluster kills it
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{worker}"), "the cancelled task's worker still runs"
+    assert (tmp_path / "r" / "final_info_x_plus_y_0.json").exists()
+    assert not (tmp_path / "r" / "final_info_x_plus_y_1.json").exists()
+    (tmp_path / "hold").unlink()
+    resumed = run_script("experiment.py", args[:-1], tmp_path)
+    assert resumed.stderr.count("already finished") == 1 and (tmp_path / "r" / "final_info.json").exists()
 
 
 def test_an_address_where_no_cluster_answers_is_refused_before_any_file(tmp_path):

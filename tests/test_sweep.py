@@ -2,16 +2,13 @@
 early-warning arithmetic on synthetic runs whose answers are known, and plot.py on a sweep."""
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 import experiment as E
-from conftest import ROOT, TINY, read_json, run_script
+from conftest import TINY, kill_when, read_json, run_script, start_experiment
 from lab import phases
 from lab.phases import WarnRun, cell_phase, cell_row, evaluate, earlywarning_table, job_summary, phase_of_job
 from lab.analysis import Pair
@@ -75,15 +72,9 @@ def test_a_sweep_writes_a_run_folder_per_cell_and_the_templates_schema(clean_swe
 
 
 def test_a_killed_sweep_resumes_to_the_clean_sweeps_results(clean_sweep, tmp_path):
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiment.py"), "--out_dir=sweep_k", *SWEEP],
-                            cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    proc = start_experiment(["--out_dir=sweep_k", *SWEEP], tmp_path, stderr=subprocess.DEVNULL)
     first = tmp_path / "sweep_k" / CELLS[1] / "final_info_x_plus_y_0.json"  # a job of the second cell
-    deadline = time.time() + 300
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, first)
     assert first.exists() and not (tmp_path / "sweep_k" / "final_info.json").exists()
     assert not (tmp_path / "sweep_k" / CELLS[-1] / "final_info.json").exists()
     resumed = run_script("experiment.py", ["--out_dir=sweep_k", *SWEEP], tmp_path)
