@@ -50,20 +50,21 @@ def resolved_workers(cfg, n_jobs: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- a job's files
 def write_examples(path: str, task, train_idx: torch.Tensor) -> None:
-    """The example table: one row per pair, rows aligned with every snapshot."""
-    import datasets
+    """The example table: one row per pair, rows aligned with every snapshot. Written with pyarrow itself: importing
+    datasets (pandas with it) would cost each job process about a second; datasets.Dataset.from_parquet reads it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    datasets.disable_progress_bars()
     split = np.full(len(task.y), "val", dtype=object)
     split[train_idx.numpy()] = "train"
-    table = datasets.Dataset.from_dict({
+    table = pa.table({
         "pair": np.arange(len(task.y)),
         "a": task.a.numpy(),
         "b": task.b.numpy(),
         "label": task.y.numpy(),
         "split": split.tolist(),
     })
-    atomic_write(path, lambda tmp: table.to_parquet(tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def save_model(model, path: str) -> None:
@@ -255,9 +256,9 @@ def _train_in_worker(train_one, cfg, unit, threads: int, conn) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    # tqdm (which datasets uses, bars off or on) makes a multiprocessing lock, a named semaphore that a child
-    # killed before its exit-time clean-up leaks, and the resource tracker then warns on stderr. A child
-    # draws no bar, so a thread lock does.
+    # tqdm (bars off or on, in whatever a job imports: transformers for gpt2) makes a multiprocessing lock, a named
+    # semaphore that a child killed before its exit-time clean-up leaks, and the resource tracker then warns on
+    # stderr. A child draws no bar, so a thread lock does.
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
