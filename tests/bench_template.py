@@ -6,10 +6,13 @@
 Times, alternating and each from launch to exit, the template's own experiment.py (copied to a temporary folder and
 patched to train only --ops x --seeds for --steps updates; nothing else in it changes) and this project's
 `python experiment.py --ops=... --seeds=... --steps=...` with its default plugins and workers. Prints both medians,
-their ratio, and the machine. The template imports einops: put it on PYTHONPATH if the venv lacks it.
+their ratio, the machine, and where this project's time went: the longest job's training loop (from its run.json),
+the plugins' share of it, and the rest of the process (imports, starting the workers, building the jobs, writing). The template imports einops: put it on PYTHONPATH if the venv lacks it.
 """
 
 import argparse
+import glob
+import json
 import os
 import shutil
 import statistics
@@ -52,6 +55,17 @@ def timed(cmd: list[str], cwd: str, device: str) -> float:
     return wall
 
 
+def breakdown(out_dir: str, wall: float) -> dict:
+    """Where one of our runs spent its wall time: the longest job's training loop, its plugins, and the rest."""
+    jobs = []
+    for path in glob.glob(os.path.join(out_dir, "*", "run.json")):
+        with open(path) as f:
+            jobs.append(json.load(f))
+    longest = max(jobs, key=lambda job: job["train_seconds"])
+    plugins = sum(longest["plugin_seconds"].values())
+    return {"loop": longest["train_seconds"], "plugins": plugins, "rest": wall - longest["train_seconds"]}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--template", required=True, help="the template's experiment.py")
@@ -72,15 +86,20 @@ def main():
             f.write(template)
         ours = [sys.executable, os.path.join(ROOT, "experiment.py"), f"--ops={args.ops}", f"--seeds={args.seeds}",
                 f"--steps={args.steps}", f"--device={args.device}", "--overwrite"]
-        times = {"template": [], "ours": []}
+        times, parts = {"template": [], "ours": []}, []
         for i in range(args.repeats):
             times["template"].append(timed([sys.executable, "template.py", f"--out_dir=t{i}"], work, args.device))
-            times["ours"].append(timed(ours + [f"--out_dir={os.path.join(work, f'o{i}')}"], work, args.device))
-            print(f"  repeat {i}: template {times['template'][-1]:.1f} s, ours {times['ours'][-1]:.1f} s", flush=True)
+            out_dir = os.path.join(work, f"o{i}")
+            times["ours"].append(timed(ours + [f"--out_dir={out_dir}"], work, args.device))
+            parts.append(breakdown(out_dir, times["ours"][-1]))
+            print(f"  repeat {i}: template {times['template'][-1]:.1f} s, ours {times['ours'][-1]:.1f} s "
+                  f"(longest training loop {parts[-1]['loop']:.1f} s, of which plugins {parts[-1]['plugins']:.1f} s; "
+                  f"the rest {parts[-1]['rest']:.1f} s)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     template_s, ours_s = statistics.median(times["template"]), statistics.median(times["ours"])
     print(f"template {template_s:.1f} s, ours {ours_s:.1f} s: {template_s / ours_s:.2f}x")
+    print("ours, medians: " + ", ".join(f"{k} {statistics.median(p[k] for p in parts):.1f} s" for k in parts[0]))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ HARNESS_NOTES = ("# Title: Does operand swapping speed up grokking?\n# Experimen
                  "## Run 0: Baseline\nResults: {'x_plus_y': {...}}\nDescription: Baseline results.\n")
 
 
-def agent_copy(folder, plugins=(), edit=None):
+def agent_copy(folder, plugins=(), edit=None, workers=1):
     """The project as the harness copies it into an idea folder, with the Config defaults shrunk (the edit an
-    agent makes, since the harness passes no flags) and the given plugins added to DEFAULT_PLUGINS."""
+    agent makes, since the harness passes no flags) and the given plugins added to DEFAULT_PLUGINS. One worker
+    by default: the jobs train in the main process, sparing the suite a process start-up (about 5 s) per job;
+    workers=0 keeps the harness's default, a pool of one process per core."""
     folder.mkdir(exist_ok=True)
     source = open(os.path.join(ROOT, "experiment.py")).read()
     for old, new in [('ops: tuple[str, ...] = ("x_div_y", "x_minus_y", "x_plus_y", "permutation")',
@@ -34,6 +36,7 @@ def agent_copy(folder, plugins=(), edit=None):
                      ("    seeds: int = 3  #", "    seeds: int = 2  #"), ("    steps: int = 7500  #", "    steps: int = 60  #"),
                      ("    p: int = 97  #", "    p: int = 11  #"), ("    batch_size: int = 512  #", "    batch_size: int = 64  #"),
                      ("    d_model: int = 128  #", "    d_model: int = 32  #"),
+                     ("    workers: int = 0  #", f"    workers: int = {workers}  #"),
                      ("    capture_every: int = 1000  #", "    capture_every: int = 20  #"),
                      ("    measure_every: int = 100  #", "    measure_every: int = 20  #"),
                      ("    measure_sparse_every: int = 500  #", "    measure_sparse_every: int = 20  #"),
@@ -207,7 +210,7 @@ def test_final_info_means_skip_none_and_nan_and_keep_text_per_seed():
       "        return self.head(self.norm(h[:, -1, :7]))  # (batch, n_classes)"), "RuntimeError"),
 ])
 def test_an_edit_that_raises_leaves_its_cause_in_the_last_1500_characters(tmp_path, edit, cause):
-    folder = agent_copy(tmp_path / "idea", ["step_val_acc_95"], edit)
+    folder = agent_copy(tmp_path / "idea", ["step_val_acc_95"], edit, workers=0)  # the cause crosses the pool
     code, prompt = harness_run_experiment(folder, 1)
     assert code != 0 and not (folder / "run_1").exists()
     tail = prompt[-1500:]
