@@ -40,18 +40,22 @@ def start_experiment(args, cwd, stderr=subprocess.PIPE, new_session=False):
                             text=True, start_new_session=new_session, preexec_fn=default_sigint)
 
 
+def wait_until(condition, timeout=300, poll=0.05):
+    """Poll until condition() is true or the timeout passes; returns its last value."""
+    deadline = time.time() + timeout
+    while not (done := condition()) and time.time() < deadline:
+        time.sleep(poll)
+    return done
+
+
 def wait_for(folder, pattern, poll=0.05, timeout=300):
     """Until a file matching pattern exists under folder (or the timeout)."""
-    deadline = time.time() + timeout
-    while not list(folder.glob(pattern)) and time.time() < deadline:
-        time.sleep(poll)
+    wait_until(lambda: list(folder.glob(pattern)), timeout, poll)
 
 
 def kill_when(proc, path, timeout=300):
     """SIGKILL proc (as a lost machine would) once path exists; returns when it is dead."""
-    deadline = time.time() + timeout
-    while not path.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    wait_until(lambda: path.exists() or proc.poll() is not None, timeout, poll=0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 

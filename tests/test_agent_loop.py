@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import experiment as E
 from lab.runner import TEMPLATE_KEYS, summarize
 from lab import analysis as A
 from lab import report as R
-from conftest import ROOT, TINY, make_run, read_json, run_script
+from conftest import ROOT, TINY, make_run, read_json, run_script, wait_until
 
 EXAMPLES = ["xavier_init", "layer_lr", "swap_operands", "step_val_acc_95"]
 HARNESS_NOTES = ("# Title: Does operand swapping speed up grokking?\n# Experiment description: swap a and b.\n"
@@ -311,10 +310,7 @@ def test_one_writer_per_out_dir_and_kill_9_leaves_no_lock(tmp_path):
     args = [sys.executable, os.path.join(ROOT, "experiment.py"), "--out_dir=r", *TINY, "--plugins=slow.py",
             "--workers=1", "--progress=none"]
     first = subprocess.Popen(args, cwd=tmp_path, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob("r/*/log.jsonl")) and not list(tmp_path.glob("r/*/activations")) \
-            and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: list(tmp_path.glob("r/*/log.jsonl")) or list(tmp_path.glob("r/*/activations")), 120, 0.1)
     listing = sorted((str(p), p.stat().st_mtime_ns) for p in (tmp_path / "r").rglob("*") if "x_plus_y_0" not in str(p))
     second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1

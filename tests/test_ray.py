@@ -7,11 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import TINY, read_json, run_script, start_experiment, wait_for
+from conftest import TINY, read_json, run_script, start_experiment, wait_for, wait_until
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -97,18 +96,14 @@ def test_ctrl_c_cancels_the_tasks_in_flight_and_keeps_finished_jobs(cluster, tmp
             f"--plugins={tmp_path / 'hangs.py'}", f"--ray_address={cluster}", "--progress=none"]
     proc = start_experiment(args, tmp_path, new_session=True)
     wait_for(tmp_path / "r", "final_info_x_plus_y_0.json")
-    deadline = time.time() + 60
-    while not (tmp_path / "hold").read_text() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until((tmp_path / "hold").read_text, timeout=60)
     worker = int((tmp_path / "hold").read_text())  # the Ray worker training seed 1, held in its plugin
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the driver's process group, not the cluster
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("experiment.py: interrupted")
-    deadline = time.time() + 60
-    while os.path.exists(f"/proc/{worker}") and time.time() < deadline:  # cancelled: the cluster kills it
-        time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{worker}"), "the cancelled task's worker still runs"
+    gone = wait_until(lambda: not os.path.exists(f"/proc/{worker}"), timeout=60)  # cancelled: the cluster kills it
+    assert gone, "the cancelled task's worker still runs"
     assert (tmp_path / "r" / "final_info_x_plus_y_0.json").exists()
     assert not (tmp_path / "r" / "final_info_x_plus_y_1.json").exists()
     (tmp_path / "hold").unlink()
