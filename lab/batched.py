@@ -351,9 +351,10 @@ def finish(E, runner, run, step_val_acc_99, seconds: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- timing (tests/bench_batched.py)
-def time_batch(E, cfg, jobs: tuple, repeats: int = 3) -> dict:
-    """Median seconds per update of the jobs' models trained as one batch and one by one (train_one's update),
-    on throwaway models and random batches of this shape (no RNG of a job is touched, no file written)."""
+def time_batch(E, cfg, jobs: tuple, repeats: int = 3, one_by_one: bool = True) -> dict:
+    """Median seconds per update of the jobs' models trained as one batch and one by one (train_one's update;
+    skipped, None, with one_by_one=False), on throwaway models and random batches of this shape (no RNG of a job
+    is touched, no file written)."""
     import statistics
 
     from lab import runner
@@ -364,7 +365,7 @@ def time_batch(E, cfg, jobs: tuple, repeats: int = 3) -> dict:
         device = runner.device_of(cfgs[0])
         task = E.task_of(cfgs[0], jobs[0].op)
         torch.manual_seed(0)
-        models = [E.build_model(c, task).to(device) for c in cfgs]
+        models = [E.build_model(c, task).to(device) for c in cfgs] if one_by_one else []
         batch = shape_key(E, cfg, jobs[0])[-1]
         x = task.x[torch.randint(len(task.y), (len(jobs), batch))].to(device)
         y = task.y[torch.randint(len(task.y), (len(jobs), batch))].to(device)
@@ -378,7 +379,7 @@ def time_batch(E, cfg, jobs: tuple, repeats: int = 3) -> dict:
             vmap(loss_fn)(stack(x).float(), y).sum().backward()
             optimizer.step(1.0)
 
-        def one_by_one():
+        def sequential():
             for k, (model, opt) in enumerate(zip(models, optimizers)):
                 loss = loss_fn(model(x[k]).float(), y[k])
                 opt.zero_grad(set_to_none=True)
@@ -396,9 +397,8 @@ def time_batch(E, cfg, jobs: tuple, repeats: int = 3) -> dict:
                 times.append((time.perf_counter() - begin) / 2)
             return statistics.median(times)
 
-        t_batched, t_single = seconds(batched), seconds(one_by_one)
+        t_batched, t_single = seconds(batched), seconds(sequential) if one_by_one else None
     finally:
         torch.set_rng_state(rng_state)
-    speedup = t_single / t_batched
     return {"models": len(jobs), "device": str(device), "seconds_batched": t_batched,
-            "seconds_one_by_one": t_single, "speedup": speedup}
+            "seconds_one_by_one": t_single, "speedup": t_single / t_batched if one_by_one else None}
