@@ -20,10 +20,12 @@ import inspect
 import os
 import signal
 import time
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lab.files import write_jsonl
 from lab.plugins import Plugin
@@ -223,7 +225,10 @@ class Stack:
         def one(params, buffers, x):
             return functional_call(self.base, (params, buffers), (x,), kwargs)
 
-        return vmap(one)(self.params, self.buffers, tokens)
+        # A CUDA GPU's fused attention kernels (flash, memory-efficient) do not run under vmap: the backward of the
+        # memory-efficient one stops with "LSE is not correctly aligned" (the gpt2 backbone). The math kernel does.
+        with sdpa_kernel(SDPBackend.MATH) if tokens.device.type == "cuda" else nullcontext():
+            return vmap(one)(self.params, self.buffers, tokens)
 
 
 # ----------------------------------------------------------------------------- training
@@ -240,6 +245,7 @@ def train_group(E, cfg, jobs: list, report=None) -> list:
     from lab import runner
 
     start = time.perf_counter()
+    runner.deterministic_on(runner.device_of(cfg))
     runs = [E.prepare(cfg, job) for job in jobs]
     for k, run in enumerate(runs):
         run.batch = (k, len(runs))

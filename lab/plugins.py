@@ -100,8 +100,9 @@ class Run:
         self.batch = None  # when trained in a batch of models (lab/batched.py): (its index, the batch's size)
 
     def evaluate(self, x, y, keep=()) -> tuple[float, float, dict]:
-        """(loss, accuracy, outputs) of the model on x, y in one eval-mode pass (experiment.evaluate)."""
-        return self._evaluate(self.model, x, y, self.autocast, self.loss, keep)
+        """(loss, accuracy, outputs) of the model on x, y in one eval-mode pass (experiment.evaluate); x and y may
+        be on any device (run.task's are on the CPU) and are moved to the run's."""
+        return self._evaluate(self.model, x.to(self.device), y.to(self.device), self.autocast, self.loss, keep)
 
     def all_outputs(self) -> dict:
         """{"logits": (n_pairs, n_classes), capture module name: (n_pairs, d_model)} on the CPU, float32, rows in
@@ -112,11 +113,9 @@ class Run:
         names = tuple(self.model.capture_modules.values())
         task = self.task
         if self.eval_step != self.step:  # step 0, or a step between evaluations
-            _, _, self.eval_outputs = self.evaluate(task.x[self.val_idx].to(self.device),
-                                                    task.y[self.val_idx].to(self.device), names)
+            _, _, self.eval_outputs = self.evaluate(task.x[self.val_idx], task.y[self.val_idx], names)
             self.eval_step = self.step
-        _, _, train = self.evaluate(task.x[self.train_idx].to(self.device), task.y[self.train_idx].to(self.device),
-                                    names)
+        _, _, train = self.evaluate(task.x[self.train_idx], task.y[self.train_idx], names)
         merged = {}
         for name in ("logits", *names):
             part_train, part_val = train[name].cpu(), self.eval_outputs[name].cpu()

@@ -235,8 +235,19 @@ def unit_label(unit) -> str:
     return f"a batch of {len(unit)} models ({first}{', ...' if len(unit) > 1 else ''})" if unit.batched else first
 
 
+def deterministic_on(device: torch.device) -> None:
+    """On CUDA, the deterministic kernels: index_select's backward (the shared prefix's gather) otherwise adds with
+    atomics, in an order that changes from run to run, and the same config would not give the same numbers.
+    cuBLAS needs a fixed workspace for it (set before its first use). An op with no deterministic kernel warns
+    rather than stops a run. A CPU's kernels are deterministic already."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def train_unit(train_one, cfg, unit, report) -> list:
     """Train a unit of batched.plan(): one job by train_one, or a batch by lab/batched.py. Their records."""
+    deterministic_on(device_of(cfg))
     if not unit.batched:
         return [train_one(cfg, job, report=report) for job in unit.jobs]
     return batched.train_group(sys.modules[train_one.__module__], cfg, list(unit.jobs), report=report)
@@ -396,16 +407,21 @@ def main(E, cfg) -> dict:
 
 def _main_locked(E, cfg, cluster_cpus=None) -> dict:
     todo = prepare_out_dir(cfg, E)
-    workers, threads = resolved_workers(cfg, max(1, len(todo)))
+    every = jobs_of(cfg)
+    workers, threads = resolved_workers(cfg, max(1, len(every)))
     if cluster_cpus:
         workers = max(1, cluster_cpus // threads)
     progress = Progress(cfg, sum(dataclasses.replace(cfg, **dict(job.overrides)).steps for job in todo))
-    for job in jobs_of(cfg):
+    for job in every:
         if job not in todo:
             progress.line(f"{label(job)}: already finished in {cfg.out_dir}, skipped")
     start = time.perf_counter()
     try:
-        units = batched.plan(E, cfg, todo, workers, progress.line)
+        # Batches are planned over every job, then keep their unfinished jobs: a resumed job trains in the batch it
+        # was in. On CUDA the number of models in a batch can move a model's last bits (seen on an H100: a killed
+        # sweep resumed in smaller batches did not give the same bytes).
+        units = [batched.Unit(tuple(job for job in unit.jobs if job in todo), unit.batched)
+                 for unit in batched.plan(E, cfg, every, workers, progress.line) if set(unit.jobs) & set(todo)]
         workers = min(workers, max(1, len(units)))
         batches = [unit for unit in units if unit.batched]
         where = f"the Ray cluster at {cfg.ray_address} ({workers} CPUs)" if cluster_cpus else (

@@ -292,32 +292,37 @@ def test_snapshots_and_every_output_are_readable_by_the_group(tiny_run):
         assert os.stat(path).st_mode & 0o777 == expected, path
 
 
-SLOW = '''
-import time
+HOLD = '''
+import os, time
 from experiment import Plugin
 
 
-class Slow(Plugin):
-    name = "slow"
+class Hold(Plugin):
+    """Holds x_plus_y seed 0 at its first step while the file "hold" exists, after writing "held"."""
+    name = "hold"
 
     def on_step_end(self, run, step):
-        time.sleep(0.05)
+        if (run.op, run.seed) == ("x_plus_y", 0):
+            open(os.path.join(FOLDER, "held"), "w").close()
+            while os.path.exists(os.path.join(FOLDER, "hold")):
+                time.sleep(0.05)
 '''
 
 
 def test_one_writer_per_out_dir_and_kill_9_leaves_no_lock(tmp_path):
-    (tmp_path / "slow.py").write_text(SLOW)
-    args = [sys.executable, os.path.join(ROOT, "experiment.py"), "--out_dir=r", *TINY, "--plugins=slow.py",
+    (tmp_path / "hold.py").write_text(f"FOLDER = {str(tmp_path)!r}\n" + HOLD)
+    (tmp_path / "hold").touch()
+    args = [sys.executable, os.path.join(ROOT, "experiment.py"), "--out_dir=r", *TINY, "--plugins=hold.py",
             "--workers=1", "--progress=none"]
     first = subprocess.Popen(args, cwd=tmp_path, stderr=subprocess.DEVNULL)
-    wait_until(lambda: list(tmp_path.glob("r/*/log.jsonl")) or list(tmp_path.glob("r/*/activations")), 120, 0.1)
-    listing = sorted((str(p), p.stat().st_mtime_ns) for p in (tmp_path / "r").rglob("*") if "x_plus_y_0" not in str(p))
+    assert wait_until(lambda: (tmp_path / "held").exists(), 120, 0.1)
+    listing = sorted((str(p), p.stat().st_mtime_ns) for p in (tmp_path / "r").rglob("*"))
     second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
     assert "being written by another experiment.py" in second.stderr and str(first.pid) in second.stderr
-    assert sorted((str(p), p.stat().st_mtime_ns) for p in (tmp_path / "r").rglob("*")
-                  if "x_plus_y_0" not in str(p)) == listing  # touched nothing (the live pair keeps writing)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in (tmp_path / "r").rglob("*")) == listing  # touched nothing
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    (tmp_path / "hold").unlink()
     third = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-2000:]

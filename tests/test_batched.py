@@ -48,7 +48,8 @@ def test_batched_losses_match_sequential_for_50_updates_with_per_model_hyperpara
         for key in ("train_loss", "val_loss", "lr"):
             got, want = torch.tensor([r[key] for r in a]), torch.tensor([r[key] for r in b])
             torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=f"{key} of {job}")
-        assert a[-1]["train_loss"] < 0.95 * a[0]["train_loss"]  # they learned: 5% is 5000x the tolerance
+        first, last = (sum(r["train_loss"] for r in rows) / 10 for rows in (a[:10], a[-10:]))
+        assert last < 0.98 * first  # they learned (a mean over 10 batches of 64): 2% is 2000x the tolerance
     finals = [row[-1]["train_loss"] for row in together]
     assert len({round(v, 4) for v in finals}) == len(finals)  # and each with its own data and hyperparameters
 
