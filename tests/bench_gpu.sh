@@ -41,12 +41,16 @@ run_env() {
     lscpu | grep -E "Model name|^CPU\(s\)"
     $PYTHON -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
-    $PYTHON -m pip list 2>/dev/null | grep -i -E "^(numpy|matplotlib|scikit-learn|datasets|transformers|safetensors|pyarrow|pytest|ray|einops) "
+    $PYTHON -m pip list 2>/dev/null |
+        grep -i -E "^(numpy|matplotlib|scikit-learn|datasets|transformers|safetensors|pyarrow|pytest|ray|einops) "
 }
 
 run_suite() {
     local ignore=()
-    $PYTHON -c "import ray" 2>/dev/null || { echo "ray is not installed: tests/test_ray.py left out"; ignore=(--ignore=tests/test_ray.py); }
+    if ! $PYTHON -c "import ray" 2>/dev/null; then
+        echo "ray is not installed: tests/test_ray.py left out"
+        ignore=(--ignore=tests/test_ray.py)
+    fi
     # shellcheck disable=SC2086
     $PYTHON -m pytest -q -p no:cacheprovider -rfE --durations=15 "${ignore[@]}" ${PYTEST_ARGS:-} tests
 }
