@@ -48,8 +48,8 @@ def _train_unit_task(path: str, config: dict, jobs: tuple, batched: bool, thread
     return "done", [{k: v for k, v in record.items() if k != "log"} for record in records]
 
 
-def connect(address: str) -> int:
-    """Join the cluster at address; the number of CPUs it has."""
+def connect(address: str) -> dict:
+    """Join the cluster at address; its resources ({"CPU": n, "GPU": m, ...})."""
     import ray
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,28 @@ def connect(address: str) -> int:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UsageError(f"--ray_address={address}: no Ray cluster answers there ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); start one with `ray start --head`")
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return dict(ray.cluster_resources())
+
+
+def placement(cfg, resources: dict, threads: int) -> tuple:
+    """(cfg, concurrent tasks) on a cluster of these resources. --device=auto means the cluster's GPUs where it has
+    any (the driver's own device says nothing of the nodes'), one task per GPU; otherwise one per `threads` CPUs."""
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if cfg.device == "auto":
+        cfg = dataclasses.replace(cfg, device="cuda" if gpus else "cpu")
+    if cfg.device == "cuda":
+        if not gpus:
+            from lab.plugins import UsageError
+
+            raise UsageError(f"--device=cuda but the Ray cluster at {cfg.ray_address} has no GPU")
+        return cfg, gpus
+    return cfg, max(1, cpus // threads)
+
+
+def describe(cfg, resources: dict, tasks: int) -> str:
+    gpus = f", {int(resources['GPU'])} GPUs" if resources.get("GPU") else ""
+    return f"the Ray cluster at {cfg.ray_address} ({int(resources.get('CPU', 0))} CPUs{gpus}; {tasks} task(s) at " \
+        f"a time on {cfg.device})"
 
 
 def train_on_ray(train_one, cfg, units: list, threads: int, progress, finished, unit_label, WorkerError) -> None:

@@ -393,24 +393,28 @@ def lock_out_dir(out_dir: str):
 def main(E, cfg) -> dict:
     """Train every unfinished job of cfg with E.train_one, then write final_info.json (and the template's
     all_results files)."""
-    cluster_cpus = None
+    cluster = None
     if cfg.ray_address:  # before any file is written: an unreachable cluster is bad input
         from lab import raycluster
 
-        cluster_cpus = raycluster.connect(cfg.ray_address)
+        cluster = raycluster.connect(cfg.ray_address)
+        raycluster.placement(cfg, cluster, cfg.threads or 1)  # --device=cuda on a cluster without GPUs: refused
     lock = lock_out_dir(cfg.out_dir)
     try:
-        return _main_locked(E, cfg, cluster_cpus)
+        return _main_locked(E, cfg, cluster)
     finally:
         lock.close()
 
 
-def _main_locked(E, cfg, cluster_cpus=None) -> dict:
+def _main_locked(E, cfg, cluster=None) -> dict:
     todo = prepare_out_dir(cfg, E)
     every = jobs_of(cfg)
     workers, threads = resolved_workers(cfg, max(1, len(every)))
-    if cluster_cpus:
-        workers = max(1, cluster_cpus // threads)
+    run_cfg = cfg  # what trains: on a Ray cluster, with the cluster's device
+    if cluster:
+        from lab import raycluster
+
+        run_cfg, workers = raycluster.placement(cfg, cluster, threads)
     progress = Progress(cfg, sum(dataclasses.replace(cfg, **dict(job.overrides)).steps for job in todo))
     for job in every:
         if job not in todo:
@@ -421,17 +425,16 @@ def _main_locked(E, cfg, cluster_cpus=None) -> dict:
         # was in. On CUDA the number of models in a batch can move a model's last bits (seen on an H100: a killed
         # sweep resumed in smaller batches did not give the same bytes).
         units = [batched.Unit(tuple(job for job in unit.jobs if job in todo), unit.batched)
-                 for unit in batched.plan(E, cfg, every, workers, progress.line) if set(unit.jobs) & set(todo)]
+                 for unit in batched.plan(E, run_cfg, every, workers, progress.line) if set(unit.jobs) & set(todo)]
         workers = min(workers, max(1, len(units)))
         batches = [unit for unit in units if unit.batched]
-        where = f"the Ray cluster at {cfg.ray_address} ({workers} CPUs)" if cluster_cpus else (
+        where = raycluster.describe(run_cfg, cluster, workers) if cluster else (
             f"{device_of(cfg)} with {workers} worker(s) x {threads} thread(s)")
         progress.line(f"training {len(todo)} (op, seed) pairs ({sum(map(len, batches))} of them in {len(batches)} "
                       f"batches of models) on {where} into {cfg.out_dir}")
-        if cluster_cpus:
-            from lab import raycluster
-
-            raycluster.train_on_ray(E.train_one, cfg, units, threads, progress, _finished, unit_label, WorkerError)
+        if cluster:
+            raycluster.train_on_ray(E.train_one, run_cfg, units, threads, progress, _finished, unit_label,
+                                    WorkerError)
         else:
             train_jobs(E.train_one, cfg, units, workers, threads, progress)
     finally:

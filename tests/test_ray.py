@@ -34,13 +34,29 @@ def test_a_run_on_the_cluster_gives_the_numbers_of_a_local_run(cluster, tmp_path
     args = [*TINY, "--batched=on"]
     run_script("experiment.py", ["--out_dir=local", *args, "--workers=2"], tmp_path)
     proc = run_script("experiment.py", ["--out_dir=ray", *args, f"--ray_address={cluster}"], tmp_path)
-    assert f"on the Ray cluster at {cluster} (2 CPUs)" in proc.stderr and "in 2 batches" in proc.stderr
+    assert f"on the Ray cluster at {cluster} (2 CPUs; 2 task(s) at a time on cpu)" in proc.stderr
+    assert "in 2 batches" in proc.stderr
     assert read_json(tmp_path / "ray" / "final_info.json") == read_json(tmp_path / "local" / "final_info.json")
     for job in ("x_plus_y_0", "permutation_1"):
         for name in ("log.jsonl", "measures.jsonl", "model.safetensors"):
             assert (tmp_path / "ray" / job / name).read_bytes() == (tmp_path / "local" / job / name).read_bytes()
     again = run_script("experiment.py", ["--out_dir=ray", *args, f"--ray_address={cluster}"], tmp_path)
     assert again.stderr.count("already finished") == 4
+
+
+def test_auto_takes_the_clusters_gpus_one_task_each_and_cuda_without_gpus_is_refused():
+    import experiment as E
+    from lab import raycluster
+    from lab.plugins import UsageError
+
+    cfg = E.Config(ray_address="h:1")
+    gpu_cfg, tasks = raycluster.placement(cfg, {"CPU": 32.0, "GPU": 2.0}, threads=1)
+    assert (gpu_cfg.device, tasks) == ("cuda", 2)  # whatever the driver has: the nodes' GPUs, one task per GPU
+    cpu_cfg, tasks = raycluster.placement(cfg, {"CPU": 8.0}, threads=2)
+    assert (cpu_cfg.device, tasks) == ("cpu", 4)
+    assert raycluster.placement(E.Config(device="cpu"), {"CPU": 8.0, "GPU": 1.0}, threads=1)[0].device == "cpu"
+    with pytest.raises(UsageError, match="has no GPU"):
+        raycluster.placement(E.Config(device="cuda", ray_address="h:1"), {"CPU": 8.0}, threads=1)
 
 
 DIES = """import os
