@@ -18,7 +18,9 @@ import dataclasses
 import hashlib
 import inspect
 import os
+import shutil
 import signal
+import tempfile
 import time
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -95,9 +97,11 @@ def describe(key: tuple) -> str:
 
 
 class Unit(NamedTuple):
-    """What one worker trains at a time: one job one by one (experiment.train_one), or jobs as a batch."""
+    """What one worker trains at a time: one job one by one (experiment.train_one), or jobs as a batch. ghosts:
+    jobs of the batch already finished, trained again but written nowhere (see resume_units)."""
     jobs: tuple
     batched: bool
+    ghosts: tuple = ()
 
     def __len__(self):
         return len(self.jobs)
@@ -127,6 +131,24 @@ def plan(E, cfg, todo: list, workers: int, say) -> list[Unit]:
         size = max(2, -(-len(jobs) // workers))  # one batch per worker, of two models at least
         units += [Unit(tuple(jobs[i:i + size]), True) for i in range(0, len(jobs), size)]
     return units
+
+
+def resume_units(units: list, todo: list, device_type: str) -> list[Unit]:
+    """The units of a run's plan (over every job) that still have work, given the unfinished jobs todo. A batch
+    keeps its unfinished jobs; on CUDA, where the number of models in a batch can move a model's last bits, its
+    finished jobs come along as ghosts (trained again, written nowhere), so the others train in the batch they
+    were planned in and a resumed run gives the bytes of an uninterrupted one. On a CPU they are left out: there
+    a job's numbers do not depend on its batch (tests/test_batched.py)."""
+    resumed = []
+    for unit in units:
+        left = tuple(job for job in unit.jobs if job in todo)
+        if not left:
+            continue
+        if unit.batched and len(left) < len(unit.jobs) and device_type == "cuda":
+            resumed.append(Unit(unit.jobs, True, tuple(job for job in unit.jobs if job not in todo)))
+        else:
+            resumed.append(Unit(left, unit.batched))
+    return resumed
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -239,14 +261,25 @@ def pad_rows(tensors: list) -> tuple[torch.Tensor, list]:
         [len(t) for t in tensors]
 
 
-def train_group(E, cfg, jobs: list, report=None) -> list:
+def train_group(E, cfg, jobs: list, report=None, ghosts: tuple = ()) -> list:
     """Train jobs (same shape_key) as one batch; write each job's folder as train_one would. Returns their
-    records, in order."""
+    records, in order. ghosts: jobs among them that are finished already: they train as before, in a scratch
+    folder that is then removed, and get no record, no report and no file in out_dir."""
+    scratch = tempfile.mkdtemp(prefix="grokking_ghosts_") if ghosts else None
+    try:
+        records = _train_group(E, cfg, jobs, report, ghosts, scratch)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return [record for record, job in zip(records, jobs) if job not in ghosts]
+
+
+def _train_group(E, cfg, jobs: list, report, ghosts: tuple, scratch) -> list:
     from lab import runner
 
     start = time.perf_counter()
     runner.deterministic_on(runner.device_of(cfg))
-    runs = [E.prepare(cfg, job) for job in jobs]
+    runs = [E.prepare(dataclasses.replace(cfg, out_dir=scratch) if job in ghosts else cfg, job) for job in jobs]
     for k, run in enumerate(runs):
         run.batch = (k, len(runs))
     cfgs = [run.cfg for run in runs]
@@ -305,7 +338,7 @@ def train_group(E, cfg, jobs: list, report=None) -> list:
                     first_grok[k] = step
                 run.hooks.on_eval(run, step, metrics)
                 run.history.append(metrics)
-                if report:
+                if report and run.job not in ghosts:
                     report(run.job, step, metrics)
                 if step % cfg0.capture_every == 0:
                     write_jsonl(os.path.join(run.out_dir, LOG), run.history)

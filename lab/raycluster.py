@@ -29,7 +29,7 @@ def _experiment(path: str):
     return module
 
 
-def _train_unit_task(path: str, config: dict, jobs: tuple, batched: bool, threads: int):
+def _train_unit_task(path: str, config: dict, jobs: tuple, batched: bool, threads: int, ghosts: tuple = ()):
     """A Ray task: train one unit; ("done", records) or (kind, message) of a failure."""
     from lab.batched import Unit
     from lab.cli import config_from_dict
@@ -38,7 +38,8 @@ def _train_unit_task(path: str, config: dict, jobs: tuple, batched: bool, thread
     E = _experiment(path)
     torch.set_num_threads(threads)
     try:
-        records = train_unit(E.train_one, config_from_dict(E.Config, config), Unit(jobs, batched), report=None)
+        records = train_unit(E.train_one, config_from_dict(E.Config, config), Unit(jobs, batched, ghosts),
+                             report=None)
     except PluginError as e:
         return "plugin_error", str(e)
     except Exception as e:
@@ -103,7 +104,7 @@ def train_on_ray(train_one, cfg, units: list, threads: int, progress, finished, 
     config = config_dict(shared)
     task = ray.remote(_train_unit_task).options(num_cpus=threads, num_gpus=1 if cfg.device == "cuda" else 0,
                                                 max_retries=1)
-    pending = {task.remote(path, config, unit.jobs, unit.batched, threads): unit for unit in units}
+    pending = {task.remote(path, config, unit.jobs, unit.batched, threads, unit.ghosts): unit for unit in units}
     for unit in units:
         progress.line(f"{unit_label(unit)}: sent to the Ray cluster")
     try:

@@ -250,7 +250,8 @@ def train_unit(train_one, cfg, unit, report) -> list:
     deterministic_on(device_of(cfg))
     if not unit.batched:
         return [train_one(cfg, job, report=report) for job in unit.jobs]
-    return batched.train_group(sys.modules[train_one.__module__], cfg, list(unit.jobs), report=report)
+    return batched.train_group(sys.modules[train_one.__module__], cfg, list(unit.jobs), report=report,
+                               ghosts=unit.ghosts)
 
 
 def _train_in_worker(train_one, cfg, unit, threads: int, conn) -> None:
@@ -421,16 +422,21 @@ def _main_locked(E, cfg, cluster=None) -> dict:
             progress.line(f"{label(job)}: already finished in {cfg.out_dir}, skipped")
     start = time.perf_counter()
     try:
-        # Batches are planned over every job, then keep their unfinished jobs: a resumed job trains in the batch it
-        # was in. On CUDA the number of models in a batch can move a model's last bits (seen on an H100: a killed
-        # sweep resumed in smaller batches did not give the same bytes).
-        units = [batched.Unit(tuple(job for job in unit.jobs if job in todo), unit.batched)
-                 for unit in batched.plan(E, run_cfg, every, workers, progress.line) if set(unit.jobs) & set(todo)]
+        # Batches are planned over every job, then keep their unfinished jobs (on CUDA, their finished ones too, as
+        # ghosts): a resumed job trains in the batch it was planned in.
+        units = batched.resume_units(batched.plan(E, run_cfg, every, workers, progress.line), todo,
+                                     device_of(run_cfg).type)
         workers = min(workers, max(1, len(units)))
         batches = [unit for unit in units if unit.batched]
+        for unit in units:
+            if unit.ghosts:
+                progress.line(f"{unit_label(unit)}: its {len(unit.ghosts)} finished job(s) train again, written "
+                              "nowhere, so that the others train in the batch they were planned in (on CUDA the "
+                              "number of models in a batch moves the last bits)")
         where = raycluster.describe(run_cfg, cluster, workers) if cluster else (
             f"{device_of(cfg)} with {workers} worker(s) x {threads} thread(s)")
-        progress.line(f"training {len(todo)} (op, seed) pairs ({sum(map(len, batches))} of them in {len(batches)} "
+        progress.line(f"training {len(todo)} (op, seed) pairs "
+                      f"({sum(len(u) - len(u.ghosts) for u in batches)} of them in {len(batches)} "
                       f"batches of models) on {where} into {cfg.out_dir}")
         if cluster:
             raycluster.train_on_ray(E.train_one, run_cfg, units, threads, progress, _finished, unit_label,

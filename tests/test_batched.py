@@ -101,6 +101,37 @@ def test_a_job_trains_to_the_same_numbers_whatever_else_is_in_its_batch(tmp_path
         (tmp_path / "b" / "x_plus_y_5" / "log.jsonl").read_bytes()
 
 
+def test_finished_jobs_retrain_as_ghosts_so_a_resumed_batch_keeps_its_models_and_writes_only_its_own(tmp_path):
+    """On CUDA a resumed batch takes its finished jobs along as ghosts (batched.resume_units): trained again,
+    written nowhere. Checked here on the CPU: the others' bytes, the finished job's files untouched."""
+    jobs = [Job("x_plus_y", 0), Job("x_plus_y", 1), Job("x_plus_y", 2)]
+    cfg = E.Config(out_dir=str(tmp_path / "a"), **{**SMALL, "steps": 30, "eval_every": 10})
+    batched.train_group(E, cfg, jobs)
+    resumed = dataclasses.replace(cfg, out_dir=str(tmp_path / "b"))  # as killed after job 0 was written
+    batched.train_group(E, resumed, jobs[:1])
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    records = batched.train_group(E, resumed, jobs, ghosts=(jobs[0],))
+    assert [(r["op"], r["seed"]) for r in records] == [("x_plus_y", 1), ("x_plus_y", 2)]
+    assert all(r["batch"]["models"] == 3 for r in records)
+    for path, (mtime, data) in before.items():  # the finished job: not one file rewritten
+        assert path.stat().st_mtime_ns == mtime and path.read_bytes() == data, path
+    for seed in (1, 2):
+        for name in ("log.jsonl", "model.safetensors"):
+            assert (tmp_path / "b" / f"x_plus_y_{seed}" / name).read_bytes() == \
+                (tmp_path / "a" / f"x_plus_y_{seed}" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
+
+
+def test_a_resumed_batch_takes_its_finished_jobs_along_on_cuda_only():
+    a, b, c, d = (Job("x_plus_y", seed) for seed in range(4))
+    units = [batched.Unit((a, b, c), True), batched.Unit((d,), False)]
+    on_cuda = batched.resume_units(units, [b, c, d], "cuda")
+    assert on_cuda == [batched.Unit((a, b, c), True, (a,)), batched.Unit((d,), False)]
+    assert batched.resume_units(units, [b, c, d], "cpu") == [batched.Unit((b, c), True), batched.Unit((d,), False)]
+    assert batched.resume_units(units, [d], "cuda") == [batched.Unit((d,), False)]  # a finished batch stays done
+    assert batched.resume_units(units, [a, b, c, d], "cuda") == units  # a fresh run: the plan as it is
+
+
 def test_a_batched_model_reaches_the_grokking_outcome_of_the_sequential_run(tmp_path):
     """tests/test_science.py's grokking config groks before step WINDOW_START one by one (asserted there); trained
     by train_group (a batch of one: vmap, BatchedAdam; independence of models is tested exactly above) it groks
