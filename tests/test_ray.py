@@ -27,7 +27,46 @@ def cluster(tmp_path_factory):
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=300)
+        stop_cluster(str(temp))
+
+
+def stop_cluster(temp: str) -> None:
+    """Stop this cluster's processes alone: those naming its temp dir and their descendants (`ray stop` would stop
+    every Ray cluster on the machine, a user's or another test run's too), with SIGKILL as `ray stop --force`."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    mine = set()
+    for pid in set(parents) - {os.getpid()}:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if temp.encode() in f.read():
+                    mine.add(pid)
+        except OSError:
+            continue
+    while True:  # and their descendants (the agents and workers the raylet started)
+        more = {pid for pid, parent in parents.items() if parent in mine} - mine
+        if not more:
+            break
+        mine |= more
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert wait_until(lambda: all(_gone(pid) for pid in mine), 30, 0.1), "the test's Ray cluster did not stop"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: dead, not yet reaped
+    except OSError:
+        return True
 
 
 def test_a_run_on_the_cluster_gives_the_numbers_of_a_local_run(cluster, tmp_path):
