@@ -247,8 +247,8 @@ def deterministic_on(device: torch.device) -> None:
 
 def train_unit(train_one, cfg, unit, report) -> list:
     """Train a unit of batched.plan(): one job by train_one, or a batch by lab/batched.py. Their records."""
-    deterministic_on(device_of(cfg))
-    if not unit.batched:
+    if not unit.batched:  # (train_group turns the deterministic kernels on itself)
+        deterministic_on(device_of(cfg))
         return [train_one(cfg, job, report=report) for job in unit.jobs]
     return batched.train_group(sys.modules[train_one.__module__], cfg, list(unit.jobs), report=report,
                                ghosts=unit.ghosts)
@@ -398,8 +398,9 @@ def main(E, cfg) -> dict:
     if cfg.ray_address:  # before any file is written: an unreachable cluster is bad input
         from lab import raycluster
 
-        cluster = raycluster.connect(cfg.ray_address)
-        raycluster.placement(cfg, cluster, cfg.threads or 1)  # --device=cuda on a cluster without GPUs: refused
+        resources = raycluster.connect(cfg.ray_address)
+        # (resources, the config tasks train with, tasks at a time); --device=cuda without GPUs is refused here
+        cluster = (resources, *raycluster.placement(cfg, resources, cfg.threads or 1))
     lock = lock_out_dir(cfg.out_dir)
     try:
         return _main_locked(E, cfg, cluster)
@@ -408,6 +409,7 @@ def main(E, cfg) -> dict:
 
 
 def _main_locked(E, cfg, cluster=None) -> dict:
+    """cluster: (its resources, the config tasks train with, tasks at a time) on a Ray cluster."""
     todo = prepare_out_dir(cfg, E)
     every = jobs_of(cfg)
     workers, threads = resolved_workers(cfg, max(1, len(every)))
@@ -415,7 +417,7 @@ def _main_locked(E, cfg, cluster=None) -> dict:
     if cluster:
         from lab import raycluster
 
-        run_cfg, workers = raycluster.placement(cfg, cluster, threads)
+        resources, run_cfg, workers = cluster
     progress = Progress(cfg, sum(dataclasses.replace(cfg, **dict(job.overrides)).steps for job in todo))
     for job in every:
         if job not in todo:
@@ -433,7 +435,7 @@ def _main_locked(E, cfg, cluster=None) -> dict:
                 progress.line(f"{unit_label(unit)}: its {len(unit.ghosts)} finished job(s) train again, written "
                               "nowhere, so that the others train in the batch they were planned in (on CUDA the "
                               "number of models in a batch moves the last bits)")
-        where = raycluster.describe(run_cfg, cluster, workers) if cluster else (
+        where = raycluster.describe(run_cfg, resources, workers) if cluster else (
             f"{device_of(cfg)} with {workers} worker(s) x {threads} thread(s)")
         progress.line(f"training {len(todo)} (op, seed) pairs "
                       f"({sum(len(u) - len(u.ghosts) for u in batches)} of them in {len(batches)} "

@@ -33,13 +33,7 @@ def cluster(tmp_path_factory):
 def stop_cluster(temp: str) -> None:
     """Stop this cluster's processes alone: those naming its temp dir and their descendants (`ray stop` would stop
     every Ray cluster on the machine, a user's or another test run's too), with SIGKILL as `ray stop --force`."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (ValueError, OSError):
-            continue
+    parents = {int(e): int(stat[1]) for e in os.listdir("/proc") if e.isdigit() and (stat := _stat(int(e)))}
     mine = set()
     for pid in set(parents) - {os.getpid()}:
         try:
@@ -61,12 +55,18 @@ def stop_cluster(temp: str) -> None:
     assert wait_until(lambda: all(_gone(pid) for pid in mine), 30, 0.1), "the test's Ray cluster did not stop"
 
 
-def _gone(pid: int) -> bool:
+def _stat(pid: int) -> list | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); None once the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: dead, not yet reaped
+            return f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return True
+        return None
+
+
+def _gone(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is None or stat[0] == "Z"  # a zombie: dead, not yet reaped
 
 
 def test_a_run_on_the_cluster_gives_the_numbers_of_a_local_run(cluster, tmp_path):
