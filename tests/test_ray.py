@@ -22,7 +22,7 @@ def cluster(tmp_path_factory):
         port = s.getsockname()[1]
     temp = tmp_path_factory.mktemp("ray")
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                    "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
                    check=True, capture_output=True, timeout=300)
     try:
         yield f"127.0.0.1:{port}"
@@ -70,7 +70,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_a_run_on_the_cluster_gives_the_numbers_of_a_local_run(cluster, tmp_path):
-    args = [*TINY, "--batched=on"]
+    args = [*TINY, "--batched=on", "--device=cpu"]  # the same on a machine with a GPU, whose cluster has none here
     run_script("experiment.py", ["--out_dir=local", *args, "--workers=2"], tmp_path)
     proc = run_script("experiment.py", ["--out_dir=ray", *args, f"--ray_address={cluster}"], tmp_path)
     assert f"on the Ray cluster at {cluster} (2 CPUs; 2 task(s) at a time on cpu)" in proc.stderr
