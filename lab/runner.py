@@ -2,6 +2,7 @@
 `E` below is the experiment module (experiment.py): its Config, registries and train_one."""
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -262,6 +263,8 @@ def _train_in_worker(train_one, cfg, unit, threads: int, conn) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_at_next_step)  # the parent's stop; the training loop unwinds, cleaning up
+    for handle in _LOCKS:  # a forked child's copy of the out_dir lock: the parent alone holds it (it lives on in
+        handle.close()  # the parent's descriptor), so a killed parent frees the folder at once
     try:  # Linux: if the parent dies (kill -9), get SIGTERM rather than train on as an orphan
         import ctypes
 
@@ -303,6 +306,22 @@ def _finished(progress, record) -> None:
                   f"final val_acc {record['final_info']['final_val_acc']:.3f}")
 
 
+def start_method(cfg, threads: int) -> str:
+    """How worker processes start. fork on a Linux CPU with one thread per worker (the default there): a child
+    starts with the parent's imports (torch: about 2 s a process) and exits without the interpreter's tear-down.
+    Otherwise spawn: CUDA cannot be used in a forked child, and an OpenMP thread pool that the parent may have
+    started is not safe across a fork when the child runs several threads (one thread never enters it, which is
+    also why torch's DataLoader workers run one)."""
+    return "fork" if sys.platform == "linux" and threads == 1 and device_of(cfg).type == "cpu" else "spawn"
+
+
+def preload() -> None:
+    """What a job process imports on first use (torch.optim imports torch._dynamo, write_examples pyarrow), imported
+    in the parent once, so that forked workers after the first wave have them: 1.5 to 3 s a job on a 2-core CPU."""
+    for name in ("pyarrow.parquet", "torch._dynamo"):
+        importlib.import_module(name)
+
+
 def train_jobs(train_one, cfg, todo: list, workers: int, threads: int, progress) -> None:
     """Train the units in todo (tuples of jobs: batched.plan), in this process or in up to `workers` child
     processes."""
@@ -319,7 +338,9 @@ def train_jobs(train_one, cfg, todo: list, workers: int, threads: int, progress)
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
         return
-    ctx = get_context("spawn")
+    ctx = get_context(start_method(cfg, threads))
+    if ctx.get_start_method() == "fork" and sum(map(len, todo)) > workers:
+        preload()  # imported once here, each later job's process starts with them
     # Started now, not inside the first child.start() below: starting it unblocks SIGINT, which the children
     # must inherit blocked.
     resource_tracker.ensure_running()
@@ -370,6 +391,9 @@ def train_jobs(train_one, cfg, todo: list, workers: int, threads: int, progress)
             _reap(child)
 
 
+_LOCKS = []  # the out_dir locks this process holds (lock_out_dir), closed in forked children
+
+
 def lock_out_dir(out_dir: str):
     """One writer per out_dir: an exclusive flock on out_dir/.lock, held by the returned open file. The kernel
     releases it when the process ends, kill -9 included, so a dead run never leaves the folder locked."""
@@ -402,9 +426,11 @@ def main(E, cfg) -> dict:
         # (resources, the config tasks train with, tasks at a time); --device=cuda without GPUs is refused here
         cluster = (resources, *raycluster.placement(cfg, resources, cfg.threads or 1))
     lock = lock_out_dir(cfg.out_dir)
+    _LOCKS.append(lock)
     try:
         return _main_locked(E, cfg, cluster)
     finally:
+        _LOCKS.remove(lock)
         lock.close()
 
 

@@ -60,6 +60,21 @@ def kill_when(proc, path, timeout=300):
     proc.wait()
 
 
+def proc_stat(pid: int) -> list | None:
+    """Linux: the fields of /proc/PID/stat after the command name (state, ppid, ...); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def exited(pid: int) -> bool:
+    """The process is gone, or a zombie: dead, not yet reaped (an orphan's new parent may never reap it)."""
+    stat = proc_stat(pid)
+    return stat is None or stat[0] == "Z"
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)

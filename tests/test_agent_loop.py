@@ -16,7 +16,7 @@ import experiment as E
 from lab.runner import TEMPLATE_KEYS, summarize
 from lab import analysis as A
 from lab import report as R
-from conftest import ROOT, TINY, make_run, read_json, run_script, wait_until
+from conftest import ROOT, TINY, exited, make_run, read_json, run_script, wait_until
 
 EXAMPLES = ["xavier_init", "layer_lr", "swap_operands", "step_val_acc_95"]
 HARNESS_NOTES = ("# Title: Does operand swapping speed up grokking?\n# Experiment description: swap a and b.\n"
@@ -309,20 +309,32 @@ class Hold(Plugin):
 '''
 
 
-def test_one_writer_per_out_dir_and_kill_9_leaves_no_lock(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_writer_per_out_dir_and_kill_9_leaves_no_lock(tmp_path, workers):
+    """With 2 workers the held job trains in a child, which must not keep the lock once the parent is killed."""
+    import fcntl
+
     (tmp_path / "hold.py").write_text(f"FOLDER = {str(tmp_path)!r}\n" + HOLD)
     (tmp_path / "hold").touch()
     args = [sys.executable, os.path.join(ROOT, "experiment.py"), "--out_dir=r", *TINY, "--plugins=hold.py",
-            "--workers=1", "--progress=none"]
+            f"--workers={workers}", "--progress=none"]
     first = subprocess.Popen(args, cwd=tmp_path, stderr=subprocess.DEVNULL)
     assert wait_until(lambda: (tmp_path / "held").exists(), 120, 0.1)
+    others = 3 if workers == 2 else 0  # TINY's other 3 jobs, which the other worker trains meanwhile
+    assert wait_until(lambda: len(list((tmp_path / "r").glob("final_info_*.json"))) == others, 120)
     listing = sorted((str(p), p.stat().st_mtime_ns) for p in (tmp_path / "r").rglob("*"))
     second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
     assert "being written by another experiment.py" in second.stderr and str(first.pid) in second.stderr
     assert sorted((str(p), p.stat().st_mtime_ns) for p in (tmp_path / "r").rglob("*")) == listing  # touched nothing
+    children = [int(c) for c in open(f"/proc/{first.pid}/task/{first.pid}/children").read().split()
+                if b"resource_tracker" not in open(f"/proc/{c}/cmdline", "rb").read()]
+    assert len(children) == workers - 1
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    with open(tmp_path / "r" / ".lock") as lock:  # free at once, while the held child (if any) still runs
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     (tmp_path / "hold").unlink()
+    assert wait_until(lambda: all(exited(c) for c in children), 60, 0.1)
     third = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-2000:]

@@ -100,6 +100,18 @@ def test_parallel_workers_match_a_sequential_run(tiny_run, tmp_path):
         assert (tiny_run / job / "log.jsonl").read_text() == (tmp_path / "par" / job / "log.jsonl").read_text()
 
 
+def test_workers_are_forked_on_a_linux_cpu_with_one_thread_and_spawned_otherwise():
+    import sys
+
+    import experiment as E
+    from lab import runner
+
+    linux = sys.platform == "linux"
+    assert runner.start_method(E.Config(device="cpu"), threads=1) == ("fork" if linux else "spawn")
+    assert runner.start_method(E.Config(device="cpu"), threads=2) == "spawn"  # the parent's OpenMP pool
+    assert runner.start_method(E.Config(device="cuda"), threads=1) == "spawn"  # CUDA cannot start in a fork
+
+
 PLUGIN_WITH_A_SLOW_EXIT = '''
 import multiprocessing, multiprocessing.util, os, time
 from experiment import Plugin
@@ -305,8 +317,10 @@ def test_ctrl_c_while_a_finished_child_exits_lets_it_finish_quietly(tmp_path):
 
 
 def test_ctrl_c_while_children_start_up_is_one_line(tmp_path):
-    """A child still importing torch when Ctrl-C comes must not print a KeyboardInterrupt traceback."""
-    args = ["--out_dir=run_c", *TINY, "--workers=2"]
+    """A child still importing torch when Ctrl-C comes must not print a KeyboardInterrupt traceback. Two threads
+    per worker: spawned children, which import torch first (as on a GPU); one-thread workers on a CPU are forked
+    (runner.start_method) and start with torch imported."""
+    args = ["--out_dir=run_c", *TINY, "--workers=2", "--threads=2"]
     proc = start_experiment(args, tmp_path, new_session=True)
     first = proc.stderr.readline()  # printed just before the children are started (after batched training's lines)
     while first.startswith("batched training"):

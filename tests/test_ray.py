@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import TINY, read_json, run_script, start_experiment, wait_for, wait_until
+from conftest import TINY, exited, proc_stat, read_json, run_script, start_experiment, wait_for, wait_until
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -33,7 +33,7 @@ def cluster(tmp_path_factory):
 def stop_cluster(temp: str) -> None:
     """Stop this cluster's processes alone: those naming its temp dir and their descendants (`ray stop` would stop
     every Ray cluster on the machine, a user's or another test run's too), with SIGKILL as `ray stop --force`."""
-    parents = {int(e): int(stat[1]) for e in os.listdir("/proc") if e.isdigit() and (stat := _stat(int(e)))}
+    parents = {int(e): int(stat[1]) for e in os.listdir("/proc") if e.isdigit() and (stat := proc_stat(int(e)))}
     mine = set()
     for pid in set(parents) - {os.getpid()}:
         try:
@@ -52,21 +52,7 @@ def stop_cluster(temp: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert wait_until(lambda: all(_gone(pid) for pid in mine), 30, 0.1), "the test's Ray cluster did not stop"
-
-
-def _stat(pid: int) -> list | None:
-    """The fields of /proc/PID/stat after the command name (state, ppid, ...); None once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def _gone(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is None or stat[0] == "Z"  # a zombie: dead, not yet reaped
+    assert wait_until(lambda: all(exited(pid) for pid in mine), 30, 0.1), "the test's Ray cluster did not stop"
 
 
 def test_a_run_on_the_cluster_gives_the_numbers_of_a_local_run(cluster, tmp_path):
