@@ -10,8 +10,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# A tiny run: seconds on a 2-core CPU. One worker: a spawned worker costs about 3 s of start-up per job, more
-# than the job itself; tests of the worker pool add --workers=2 after TINY (the last flag wins).
+# A tiny run: seconds on a 2-core CPU, in one process; tests of the worker pool add --workers=2 after TINY (the
+# last flag wins).
 TINY = ["--ops=x_plus_y,permutation", "--seeds=2", "--steps=60", "--capture_every=20", "--p=11",
         "--perm_k=3", "--batch_size=64", "--d_model=32", "--eval_every=10", "--measure_every=20",
         "--measure_sparse_every=20", "--workers=1"]
