@@ -339,8 +339,8 @@ def train_jobs(train_one, cfg, todo: list, workers: int, threads: int, progress)
                 signal.signal(signal.SIGTERM, previous)
         return
     ctx = get_context(start_method(cfg, threads))
-    if ctx.get_start_method() == "fork" and sum(map(len, todo)) > workers:
-        preload()  # imported once here, each later job's process starts with them
+    if ctx.get_start_method() == "fork" and len(todo) > workers:  # a process per unit (a job, or a batch)
+        preload()  # imported once here, each later unit's process starts with them
     # Started now, not inside the first child.start() below: starting it unblocks SIGINT, which the children
     # must inherit blocked.
     resource_tracker.ensure_running()
