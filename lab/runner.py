@@ -246,8 +246,30 @@ def deterministic_on(device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> None:
+    """glibc's malloc gives a freed block above its mmap threshold (128 KiB, raised as blocks are freed, to 32 MiB at
+    most) back to the system, and trims the heap's free top; a step's buffers (a few MB; an evaluation's or a
+    snapshot's over every pair, up to about 40 MB) are then faulted in again, page by page, at the next step: about
+    2,000 page faults an update and 2 to 3% of a default run's loop (docs/speed.md). Blocks up to 256 MiB (32 MiB on
+    a glibc that refuses more) now come from the heap, and a freed top is kept up to 512 MiB. No number changes; a
+    process's memory stays near its peak. Without glibc, nothing happens."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if not libc.mallopt(M_MMAP_THRESHOLD, 256 << 20):  # setting it also stops the dynamic threshold
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 512 << 20)
+
+
 def train_unit(train_one, cfg, unit, report) -> list:
     """Train a unit of batched.plan(): one job by train_one, or a batch by lab/batched.py. Their records."""
+    keep_freed_memory()
     if not unit.batched:  # (train_group turns the deterministic kernels on itself)
         deterministic_on(device_of(cfg))
         return [train_one(cfg, job, report=report) for job in unit.jobs]

@@ -3,13 +3,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY, kill_when, read_json, run_script, start_experiment, wait_for
+from conftest import ROOT, TINY, kill_when, read_json, run_script, start_experiment, wait_for
 
 TEMPLATE_KEYS = ["final_train_loss", "final_val_loss", "final_train_acc", "final_val_acc", "step_val_acc_99"]
 
@@ -110,6 +111,48 @@ def test_workers_are_forked_on_a_linux_cpu_with_one_thread_and_spawned_otherwise
     assert runner.start_method(E.Config(device="cpu"), threads=1) == ("fork" if linux else "spawn")
     assert runner.start_method(E.Config(device="cpu"), threads=2) == "spawn"  # the parent's OpenMP pool
     assert runner.start_method(E.Config(device="cuda"), threads=1) == "spawn"  # CUDA cannot start in a fork
+
+
+PAGE_FAULTS_PER_STEP = """
+import json, resource
+from contextlib import nullcontext
+import torch
+import torch.nn.functional as F
+import experiment as E
+from lab import runner
+
+torch.set_num_threads(1)
+task, cfg = E.make_task("x_plus_y"), E.Config()
+model = E.build_model(cfg, task)
+optimizer = E.adamw(model.parameters(), cfg)
+
+
+def faults_per_step():
+    for repeat in range(5):  # 2 to settle, 3 counted
+        if repeat == 2:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        loss = F.cross_entropy(model(task.x[:512]), task.y[:512])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        E.evaluate(model, task.x, task.y, nullcontext, E.LOSSES["cross_entropy"])
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+
+
+default = faults_per_step()
+runner.keep_freed_memory()
+print(json.dumps({"default": default, "keep": faults_per_step()}))
+"""
+
+
+def test_a_training_process_keeps_freed_memory_instead_of_faulting_it_in_again_each_step(tmp_path):
+    """keep_freed_memory (glibc's mallopt): a step's buffers come back from the heap, not as fresh pages. Without
+    it an update and an evaluation over every pair cost tens of thousands of page faults; with it, a few hundred."""
+    (tmp_path / "faults.py").write_text(PAGE_FAULTS_PER_STEP)
+    proc = subprocess.run([sys.executable, "faults.py"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT},
+                          check=True, capture_output=True, text=True)
+    faults = json.loads(proc.stdout)
+    assert faults["keep"] < faults["default"] / 4, faults
 
 
 PLUGIN_WITH_A_SLOW_EXIT = '''
