@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 
 from lab import report  # noqa: E402
 from lab.analysis import (LEADLAG_HALF_WIDTH, Pair, completion, describe_grokking, end_state,  # noqa: E402
-                          grok_summary, leadlag_table, load_snapshot, mean_stderr, measure_label, measure_series,
-                          phase_snapshots, read_examples, read_log, warn)
+                          grok_summary, leadlag_end, leadlag_table, load_snapshot, mean_stderr, measure_label,
+                          measure_series, phase_snapshots, read_examples, read_log, warn)
 from lab.files import atomic_write, read_json  # noqa: E402
 from lab.schema import FINAL_KEYS, LAYERS, METRIC_SPLITS, METRIC_TITLES, MODEL_MEASURES  # noqa: E402
 
@@ -506,7 +506,8 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
         curves = []
         for p in grokked:
             key = (t["layer"], t["split"], t["measure"])
-            found = completion(*series[p.seed][key], p.memorisation_step) if key in series[p.seed] else None
+            found = (completion(*series[p.seed][key], p.memorisation_step, end=leadlag_end(p))
+                     if key in series[p.seed] else None)
             if found is None:
                 continue
             _, steps, progress = found

@@ -413,8 +413,10 @@ def running_median(steps: np.ndarray, values: np.ndarray, half_width: float) -> 
     return np.array([np.median(values[a:b]) for a, b in zip(lo, hi)])
 
 
-def completion(steps, values, start: int, half_width: float = LEADLAG_HALF_WIDTH, levels=LEADLAG_LEVELS):
-    """Steps at which a measure completes each level (share) of its change from `start` to the last step.
+def completion(steps, values, start: int, half_width: float = LEADLAG_HALF_WIDTH, levels=LEADLAG_LEVELS,
+               end: float | None = None):
+    """Steps at which a measure completes each level (share) of its change from `start` to the last step (to `end`
+    when given: later samples are dropped first).
 
     The curve is smoothed by running_median; the change is smoothed(last) - smoothed(first step >= start),
     the progress (smoothed - first) / change, made monotone by a running maximum, and each level's step
@@ -423,7 +425,7 @@ def completion(steps, values, start: int, half_width: float = LEADLAG_HALF_WIDTH
     standard errors (noise), or the net change is under a quarter of the smoothed range (it goes and comes back).
     """
     steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
-    finite = np.isfinite(values)
+    finite = np.isfinite(values) & (steps <= (np.inf if end is None else end))
     steps, values = steps[finite], values[finite]
     smooth = running_median(steps, values, half_width)
     keep = steps >= start
@@ -463,9 +465,18 @@ def measure_series(pair: Pair, rows: list) -> dict:
     return out
 
 
+def leadlag_end(pair: Pair) -> int | None:
+    """Where a seed's lead-lag window ends: None (its last step), or, for a seed whose last evaluation is inside a
+    spike after grokking, the evaluation before that spike: a measure's final level is not read inside a spike
+    (the running median cannot remove one at the end of a curve: its window there is one-sided)."""
+    state = end_state(pair)
+    return state["spikes"][-1]["from_step"] if state["ends_in_spike"] else None
+
+
 def leadlag_rows(pairs: list, rows: list) -> tuple[list, list]:
     """(rows of leadlag.csv, seeds left out): per grokked seed and measure, t10/t50/t90 from its memorisation
-    step to the end, and lead = val accuracy's t50 - the measure's t50 (positive: the measure moves first)."""
+    step to the end (leadlag_end), and lead = val accuracy's t50 - the measure's t50 (positive: the measure
+    moves first)."""
     out, left_out = [], []
     for pair in pairs:
         if pair.grok_step is None or pair.memorisation_step is None:
@@ -473,13 +484,14 @@ def leadlag_rows(pairs: list, rows: list) -> tuple[list, list]:
             continue
         mine = [r for r in rows if r["seed"] == pair.seed]
         series = measure_series(pair, mine)
-        reference = completion(*series[("log", "val", "acc")], pair.memorisation_step)
+        end = leadlag_end(pair)
+        reference = completion(*series[("log", "val", "acc")], pair.memorisation_step, end=end)
         if reference is None:
             left_out.append(pair.seed)
             continue
         val_t50 = reference[0][1]
         for (layer, split, metric), (steps, values) in sorted(series.items()):
-            found = completion(steps, values, pair.memorisation_step)
+            found = completion(steps, values, pair.memorisation_step, end=end)
             times = found[0] if found else [None] * 3
             out.append({"run": pair.run, "op": pair.op, "seed": pair.seed, "measure": metric, "layer": layer,
                         "split": split, "t10": times[0], "t50": times[1], "t90": times[2],

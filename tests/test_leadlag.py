@@ -61,3 +61,27 @@ def test_leads_over_validation_accuracy_are_recovered_across_seeds():
     assert table["early"]["lead_mean"] == pytest.approx(400, abs=25) and table["early"]["lead_stderr"] < 20
     sentence = A.describe_leaders(A.leadlag_table(found))
     assert "early (last, val)" in sentence.split("lagging")[0] and "late (last, val)" in sentence.split("lagging")[1]
+
+
+def test_a_seed_that_ends_inside_a_spike_is_read_up_to_the_spike():
+    """The running median cannot remove a spike at the end of a curve (its window there is one-sided): a seed whose
+    last evaluations are inside a spike is read up to the evaluation before it, so its leads are those of the same
+    seed without the spike."""
+    clean, spiky = pair(0, 2500), pair(0, 2500)
+    for r in spiky.log:
+        if r["step"] >= 5950:  # the last 6 evaluations: a spike, as small configs show every few hundred steps
+            r.update(train_acc=0.4, val_acc=0.3, val_loss=3.5)
+    assert A.end_state(spiky)["ends_in_spike"] and A.leadlag_end(spiky) == 5940 and A.leadlag_end(clean) is None
+    leads = {"early": 400, "late": -300}
+    found = {}
+    for name, p in (("clean", clean), ("spiky", spiky)):
+        rows = []
+        for measure, lead in leads.items():
+            for step in range(0, 6001, 100):
+                value = float(sigmoid(step, 2500 - lead)) if not (name == "spiky" and step == 6000) else 0.0
+                rows.append({"run": "run_0", "op": "x_plus_y", "seed": 0, "layer": "last", "split": "val",
+                             "metric": measure, "step": step, "value": value})
+        found[name] = {r["measure"]: r for r in A.leadlag_rows([p], rows)[0] if r["layer"] == "last"}
+    for measure, lead in leads.items():
+        assert found["spiky"][measure]["lead"] == pytest.approx(lead, abs=25)
+        assert found["spiky"][measure]["t50"] == pytest.approx(found["clean"][measure]["t50"], abs=10)
