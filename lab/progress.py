@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_model as load_weights
 
 from lab import measures as M
-from lab.analysis import completion, read_examples, read_log
+from lab.analysis import completion, leadlag_end, read_examples, read_log
 from lab.cli import config_from_dict
 from lab.files import read_json, write_json
 from lab.ops import cyclic_coordinates
@@ -84,14 +84,15 @@ def final_key_progress(E, run_dir: str, job: Job) -> dict | None:
     return result
 
 
-def _log_completion(steps, losses, start: int, half_width: float):
-    """t10, t50, t90 of log10(loss) from `start` (analysis.completion), or None when it does not change."""
+def _log_completion(steps, losses, start: int, half_width: float, end=None):
+    """t10, t50, t90 of log10(loss) from `start` to `end` (analysis.completion), or None when it does not change."""
     found = completion(np.asarray(steps), np.log10(np.maximum(np.asarray(losses, dtype=float), 1e-30)), start,
-                       half_width)
+                       half_width, end=end)
     return None if found is None else found[0]
 
 
-def phases_and_leads(rows: list, memorisation_step: int, per_step: list = (), half_width: float = 100) -> dict:
+def phases_and_leads(rows: list, memorisation_step: int, per_step: list = (), half_width: float = 100,
+                     end: int | None = None) -> dict:
     """Nanda et al.'s three phases and the leads of restricted and excluded loss over test loss, all read on
     log10(loss) from the memorisation step (analysis.completion: t10/t50/t90 = the steps at which 10/50/90% of
     the change to the end is done).
@@ -101,8 +102,11 @@ def phases_and_leads(rows: list, memorisation_step: int, per_step: list = (), ha
     circuit formation: ends when test loss has done 10% of its fall (t10); cleanup: ends at its t90.
     lead_<measure> = test loss's t50 - the measure's t50, in steps (positive: the measure moves first), for the
     final-model key frequencies (rows) and, where given, the per-step ones (per_step: measures.jsonl rows as
-    {"step", "restricted_loss", "excluded_loss"}).
+    {"step", "restricted_loss", "excluded_loss"}). end: rows after it are left out (analysis.leadlag_end: a seed
+    that ends inside a spike is read up to the evaluation before it).
     """
+    if end is not None:
+        rows, per_step = [r for r in rows if r["step"] <= end], [r for r in per_step if r["step"] <= end]
     steps = [r["step"] for r in rows]
     test = _log_completion(steps, [r["test_loss"] for r in rows], memorisation_step, half_width)
     peak = max(rows, key=lambda r: r["test_loss"])["step"] if rows else None  # where Nanda et al.'s memorisation ends
@@ -146,7 +150,7 @@ def summary_row(pair, result: dict) -> dict:
     """One row of final_keys.csv: a job's final key frequencies (and how many hold >= KEY_SHARE of the logits'
     power), phases and leads (phases_and_leads)."""
     start = pair.memorisation_step if pair.memorisation_step is not None else 0
-    found = phases_and_leads(result["rows"], start, per_step_rows(pair.folder))
+    found = phases_and_leads(result["rows"], start, per_step_rows(pair.folder), end=leadlag_end(pair))
     return {"run": pair.run, "op": pair.op, "seed": pair.seed,
             "key_freqs": " ".join(map(str, result["key_freqs"])),
             "n_key_freqs": sum(share >= KEY_SHARE for share in result["key_shares"]),

@@ -214,6 +214,12 @@ def test_phases_and_leads_on_a_made_up_run():
     assert found["lead_restricted_loss_final"] == pytest.approx(500, abs=60)
     assert found["lead_excluded_loss_final"] == pytest.approx(300, abs=60)
     assert found["lead_restricted_loss_per_step"] is None
+    # A seed that ends inside a spike (its last two checkpoints, test loss above the memorisation peak), read up to
+    # the evaluation before it (end), gives the same phases and leads.
+    spiky = [dict(r) for r in rows] + [{"step": s, "test_loss": 1000.0, "restricted_loss": 10.0, "excluded_loss": 0.01}
+                                       for s in (4050, 4100)]
+    assert phases_and_leads(spiky, memorisation_step=200, half_width=0, end=4000) == found
+    assert phases_and_leads(spiky, memorisation_step=200, half_width=0)["test_loss_peak"] == 4050
 
 
 def test_unknown_preset_in_config_default_is_caught():
