@@ -377,14 +377,17 @@ def train_jobs(train_one, cfg, todo: list, workers: int, threads: int, progress)
                                     daemon=True)
                 # The child inherits a blocked SIGINT: a Ctrl-C while it is still starting up (importing torch,
                 # before _train_in_worker runs) would otherwise print its own KeyboardInterrupt traceback.
+                # It is tracked before SIGINT is unblocked: a Ctrl-C that arrived during start() is raised at the
+                # unblocking, and the clean-up below must then stop this child too (untracked, it went on, printing
+                # after the run's last line).
                 mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
                 try:
                     child.start()
+                    running[receiver] = child
+                    child.name = unit_label(unit)
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 sender.close()
-                running[receiver] = child
-                child.name = unit_label(unit)
             for receiver in wait_for_connections(list(running), timeout=1.0):
                 try:
                     kind, payload = receiver.recv()
