@@ -502,11 +502,12 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
                      max(p.log[-1]["step"] - p.grok_step for p in grokked) + 1, 25, dtype=float)
     image = np.full((len(table), len(grid)), np.nan)
     series = {p.seed: measure_series(p, [r for r in rows if r["seed"] == p.seed]) for p in grokked}
+    ends = {p.seed: leadlag_end(p) for p in grokked}
     for row, t in enumerate(table):
         curves = []
         for p in grokked:
             key = (t["layer"], t["split"], t["measure"])
-            found = (completion(*series[p.seed][key], p.memorisation_step, end=leadlag_end(p))
+            found = (completion(*series[p.seed][key], p.memorisation_step, end=ends[p.seed])
                      if key in series[p.seed] else None)
             if found is None:
                 continue

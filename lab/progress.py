@@ -84,10 +84,10 @@ def final_key_progress(E, run_dir: str, job: Job) -> dict | None:
     return result
 
 
-def _log_completion(steps, losses, start: int, half_width: float, end=None):
-    """t10, t50, t90 of log10(loss) from `start` to `end` (analysis.completion), or None when it does not change."""
+def _log_completion(steps, losses, start: int, half_width: float):
+    """t10, t50, t90 of log10(loss) from `start` (analysis.completion), or None when it does not change."""
     found = completion(np.asarray(steps), np.log10(np.maximum(np.asarray(losses, dtype=float), 1e-30)), start,
-                       half_width, end=end)
+                       half_width)
     return None if found is None else found[0]
 
 
