@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from multiprocessing import get_context, resource_tracker
 from multiprocessing.connection import wait as wait_for_connections
 
@@ -285,6 +286,7 @@ def _train_in_worker(train_one, cfg, unit, threads: int, conn) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_at_next_step)  # the parent's stop; the training loop unwinds, cleaning up
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the start (_signals_held)
     for handle in _LOCKS:  # a forked child's copy of the out_dir lock: the parent alone holds it (it lives on in
         handle.close()  # the parent's descriptor), so a killed parent frees the folder at once
     try:  # Linux: if the parent dies (kill -9), get SIGTERM rather than train on as an orphan
@@ -311,6 +313,36 @@ def _train_in_worker(train_one, cfg, unit, threads: int, conn) -> None:
         conn.send(("error", f"{unit_label(unit)} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
         conn.close()
+
+
+HELD = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a harness's stop
+
+
+@contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM held back while a child process starts, in the child and in this process.
+
+    The child inherits both blocked: a Ctrl-C while it still starts up (importing torch, before _train_in_worker
+    runs) would print its own traceback, and a SIGTERM would run whatever handler it inherited (a forked child:
+    this process's, which raised SystemExit wherever the child was, in threading's after-fork hook say: "Exception
+    ignored", and the child trained on). _train_in_worker unblocks SIGTERM once its own handler is in place.
+    Here, blocking is not enough: a signal sent to the process may be handed to another thread (OpenMP's,
+    pyarrow's), and Python then runs its handler in the main thread at its next check, which could fall inside
+    start() after the fork: that child went untracked, unstopped, and printed after the run's last line. So a
+    signal here is only noted, and raised again once the child is tracked.
+    """
+    held = []
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works there alone
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in HELD} if in_main_thread else {}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for signum, handler in previous.items():  # None: a handler not set from Python
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    for signum in dict.fromkeys(held):
+        signal.raise_signal(signum)
 
 
 def _reap(child, timeout: float = 60) -> None:
@@ -375,18 +407,10 @@ def train_jobs(train_one, cfg, todo: list, workers: int, threads: int, progress)
                 receiver, sender = ctx.Pipe(duplex=False)  # a pipe per child: no locks for Ctrl-C to break
                 child = ctx.Process(target=_train_in_worker, args=(train_one, cfg, unit, threads, sender),
                                     daemon=True)
-                # The child inherits a blocked SIGINT: a Ctrl-C while it is still starting up (importing torch,
-                # before _train_in_worker runs) would otherwise print its own KeyboardInterrupt traceback.
-                # It is tracked before SIGINT is unblocked: a Ctrl-C that arrived during start() is raised at the
-                # unblocking, and the clean-up below must then stop this child too (untracked, it went on, printing
-                # after the run's last line).
-                mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-                try:
+                with _signals_held():  # until the child is tracked: the clean-up below must stop it too
                     child.start()
                     running[receiver] = child
                     child.name = unit_label(unit)
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 sender.close()
             for receiver in wait_for_connections(list(running), timeout=1.0):
                 try:
