@@ -548,10 +548,12 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
     bars.grid(axis="x", alpha=0.3)
     never = [t for t in full_table if not t["n"]]
     steps_text = ", ".join(str(p.grok_step) for p in grokked)
+    cut = ", ".join(f"seed {seed} at step {end}" for seed, end in ends.items() if end is not None)
     fig.suptitle(f"Who moves first: {run}, {op}; {len(grokked)} grokked seed(s) (grokking steps {steps_text}), "
                  f"{len(pairs) - len(grokked)} left out\nrows ordered by mean lead (top: first to move); colour: "
                  f"mean over seeds of each measure's progress, running median over ±{LEADLAG_HALF_WIDTH} steps"
-                 + (f"; {len(never)} measure(s) never change (see analysis_summary.md)" if never else ""),
+                 + (f"; {len(never)} measure(s) never change (see analysis_summary.md)" if never else "")
+                 + (f"\nread up to the evaluation before a spike that lasts to the end: {cut}" if cut else ""),
                  fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, f"progress_{run}_{op}.png".replace(os.sep, "_"))

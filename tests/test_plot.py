@@ -228,6 +228,25 @@ def test_spikes_after_grokking_are_counted_and_an_end_inside_one_is_said():
     assert A.phase_snapshots(steady)[2] == ("after", steady.snapshots[-1])
 
 
+def test_the_lead_lag_heatmap_says_where_it_reads_a_seed_that_ends_in_a_spike(tmp_path, monkeypatch):
+    pairs = [spiky_pair(0, ends_in_spike=False), spiky_pair(1, ends_in_spike=True)]
+    rows = [{"run": "r", "op": "x_plus_y", "seed": p.seed, "layer": "last", "split": "val", "metric": "early",
+             "step": step, "value": float(step >= 250)} for p in pairs for step in range(0, 1001, 50)]
+    leadlag = A.leadlag_rows(pairs, rows)[0]
+    titles = []
+
+    def keep_title(fig, path):
+        titles.append(fig.get_suptitle())
+        plot.plt.close(fig)
+
+    monkeypatch.setattr(plot, "save", keep_title)
+    assert plot.progress_figure("r", "x_plus_y", pairs, rows, leadlag, str(tmp_path))
+    last_line = titles[0].splitlines()[-1]
+    assert last_line == "read up to the evaluation before a spike that lasts to the end: seed 1 at step 990"
+    assert plot.progress_figure("r", "x_plus_y", pairs[:1], rows, leadlag, str(tmp_path))
+    assert "spike" not in titles[1]
+
+
 def test_spikes_reach_the_summary_the_notes_block_and_spikes_csv(tmp_path):
     pairs = [spiky_pair(0, False), spiky_pair(1, True)]
     R.write_spikes(pairs, str(tmp_path))
