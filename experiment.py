@@ -210,10 +210,6 @@ class Block(nn.Module):
         nn.init.zeros_(self.qkv.bias)
         nn.init.zeros_(self.out.bias)
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        batch, seq, d_model = t.shape
-        return t.view(batch, seq, self.n_heads, d_model // self.n_heads).transpose(1, 2)  # (batch, heads, seq, hd)
-
     def _project(self, x: torch.Tensor, queries_from: int = 0):
         """Queries of positions queries_from.. (batch, q_len, d) and keys|values of all (batch, seq, 2d)."""
         d_model = x.shape[-1]
@@ -232,18 +228,16 @@ class Block(nn.Module):
         """Causal attention of the last q_len positions over all k_len positions, then the FFN.
 
         Written out with broadcasting: for sequences of 4 tokens this beats
-        scaled_dot_product_attention's kernels several times over on a CPU.
+        scaled_dot_product_attention's kernels several times over on a CPU. Heads stay in (batch, len, heads, hd)
+        order and the softmax runs over the key axis where it lies: no transposes, no copies.
         """
-        d_model = q.shape[-1]
-        k, v = kv.split(d_model, dim=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (batch, heads, len, hd)
-        q_len, k_len = q.shape[2], k.shape[2]
-        scores = (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1) * q.shape[-1] ** -0.5  # (batch, heads, q_len, k_len)
+        q_len, k_len, d_model = q.shape[-2], kv.shape[-2], q.shape[-1]
+        q, k, v = (t.unflatten(-1, (self.n_heads, -1)) for t in (q, *kv.split(d_model, dim=-1)))
+        scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * q.shape[-1] ** -0.5  # (batch, q_len, k_len, heads)
         # query j is position k_len - q_len + j and sees keys 0 .. k_len - q_len + j
-        hidden = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).triu(k_len - q_len + 1)
-        weights = scores.masked_fill(hidden, float("-inf")).softmax(-1)
-        attn = (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(3)  # (batch, heads, q_len, hd)
-        attn = attn.transpose(1, 2).reshape(residual.shape)
+        hidden = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).triu(k_len - q_len + 1)[..., None]
+        weights = scores.masked_fill(hidden, float("-inf")).softmax(2)
+        attn = (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2).flatten(-2)  # (batch, q_len, d_model)
         if self.pre_norm:
             h = residual + self.out(attn)
             return h + self.ffn(self.ffn_norm(h))
@@ -281,13 +275,13 @@ class Transformer(nn.Module):
     vocabulary entry and gathered, which saves about 40% of the work on [a, "o", b, "="].
     The numbers are those of the plain computation (shared_prefix=False) up to float
     rounding. Inputs that break the condition take the plain computation. With vocab_table
-    (build_model's choice for inputs without the op token), the first block's projections
-    at b and "=" are computed once per vocabulary entry too.
+    (the default), the first block's projections at b and "=" are computed once per
+    vocabulary entry too.
     """
 
     def __init__(self, n_vocab: int, n_classes: int, num_layers: int = 2, d_model: int = 128,
                  n_heads: int = 4, seq_len: int = 4, shared_prefix: bool = True, d_mlp: int = 0,
-                 norm: str = "post", activation: str = "gelu", vocab_table: bool = False):
+                 norm: str = "post", activation: str = "gelu", vocab_table: bool = True):
         super().__init__()
         self.token_embeddings = nn.Embedding(n_vocab, d_model)
         self.position_embeddings = nn.Embedding(seq_len, d_model)
@@ -314,8 +308,7 @@ class Transformer(nn.Module):
         prefix_tokens = torch.cat([every_a[:, None], middle[:1].expand(n_vocab, -1)], dim=1)  # (n_vocab, n_prefix)
         prefix = self.token_embeddings(prefix_tokens) + positions[:n_prefix]  # (n_vocab, n_prefix, d_model)
         h = self.token_embeddings(tokens[:, n_prefix:]) + positions[n_prefix: tokens.shape[1]]  # (batch, 2, d_model)
-        # The first block's input at b and "=" is one token's embedding too: project each vocabulary entry once
-        # (vocab_table; off on the template's input, whose runs keep the numbers of earlier versions byte for byte).
+        # The first block's input at b and "=" is one token's embedding too: project each vocabulary entry once.
         table = self.token_embeddings.weight[:, None] + positions[n_prefix: tokens.shape[1]]  # (n_vocab, 2, d_model)
         for i, block in enumerate(self.blocks):
             by_token = (table, tokens[:, n_prefix:]) if i == 0 and self.vocab_table else None
@@ -375,8 +368,7 @@ INITS = {"torch": None, "nanda": nanda_init}  # name -> (model, task) -> None, r
 
 
 def build_model(cfg: Config, task: Task) -> nn.Module:
-    shape = {"d_mlp": cfg.d_mlp, "norm": cfg.norm, "activation": cfg.activation,
-             "vocab_table": not cfg.op_token} if cfg.model == "transformer" else {}
+    shape = {"d_mlp": cfg.d_mlp, "norm": cfg.norm, "activation": cfg.activation} if cfg.model == "transformer" else {}
     model = MODELS[cfg.model](task.n_vocab, task.n_classes, cfg.num_layers, cfg.d_model, cfg.n_heads,
                               seq_len=task.x.shape[1], **shape)
     check_model(model, task, cfg.model)
