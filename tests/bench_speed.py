@@ -183,7 +183,8 @@ def step_flops(task, n_train_batch=512, n_val=None, d=128, eval_every=10) -> dic
             block2 = batch * (4 * 2 * d * d + 10 * d * d) + batch * 4 * heads_attn / 2
             return block1 + block2 + batch * d * n_classes
         prefix = n_vocab * 2 * 12 * d * d + n_vocab * 2 * 3 * d * d  # block 1 full, block 2 q/k/v only
-        block1 = batch * 2 * 12 * d * d + batch * 2 * 4 * heads_attn / 2
+        table = n_vocab * 2 * 3 * d * d  # vocab_table: block 1's q/k/v at b and "=", once per vocabulary entry
+        block1 = table + batch * 2 * 9 * d * d + batch * 2 * 4 * heads_attn / 2
         block2 = batch * (2 * 2 * d * d + 10 * d * d) + batch * 4 * heads_attn / 2
         return prefix + block1 + block2 + batch * d * n_classes
 
