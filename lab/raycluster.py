@@ -4,7 +4,8 @@ that writes its own folders under out_dir, which must lie on a filesystem every 
 
 A task imports experiment.py from its path, so every node must see the project at the same path too (a shared
 home or a network filesystem). A worker that dies is retried once; a second death, or an error, stops the run
-with one line, finished jobs kept. Ctrl-C cancels the tasks in flight.
+with one line, finished jobs kept. Ctrl-C cancels the tasks in flight. Progress reports come back through a
+queue actor, so the driver's bar and lines move as they do with a local pool.
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ import importlib.util
 import os
 import socket
 import sys
+import time
 
 import torch
 
@@ -29,8 +31,38 @@ def _experiment(path: str):
     return module
 
 
-def _train_unit_task(path: str, config: dict, jobs: tuple, batched: bool, threads: int, ghosts: tuple = ()):
-    """A Ray task: train one unit; ("done", records) or (kind, message) of a failure."""
+class _Reports:
+    """A task's training report: sends (job, step, metrics) to the driver's queue in one call at most every every_s
+    seconds (each job's latest report: the driver's bar), at once for every 1000th and the last step (its lines),
+    and what is left at flush(). Progress is not worth a job: once the queue is gone (the driver stopping),
+    reports stop."""
+
+    def __init__(self, queue, steps: int, every_s: float = 1.0):
+        self.queue, self.steps, self.every_s = queue, steps, every_s
+        self.sent, self.latest = 0.0, {}
+
+    def __call__(self, job, step, metrics):
+        self.latest.pop(job, None)  # re-inserted last: a batch keeps the order of the reports
+        self.latest[job] = (job, step, metrics)
+        if step % 1000 == 0 or step == self.steps or time.monotonic() - self.sent >= self.every_s:
+            self.flush()
+
+    def flush(self):
+        import ray
+
+        if self.queue is not None and self.latest:
+            try:
+                self.queue.put_nowait_batch(list(self.latest.values()))
+            except ray.exceptions.RayError:
+                self.queue = None
+        self.latest.clear()
+        self.sent = time.monotonic()
+
+
+def _train_unit_task(path: str, config: dict, jobs: tuple, batched: bool, threads: int, ghosts: tuple = (),
+                     queue=None):
+    """A Ray task: train one unit, its progress reports sent to queue; ("done", records) or (kind, message) of a
+    failure."""
     from lab.batched import Unit
     from lab.cli import config_from_dict
     from lab.runner import train_unit
@@ -38,8 +70,10 @@ def _train_unit_task(path: str, config: dict, jobs: tuple, batched: bool, thread
     E = _experiment(path)
     torch.set_num_threads(threads)
     try:
-        records = train_unit(E.train_one, config_from_dict(E.Config, config), Unit(jobs, batched, ghosts),
-                             report=None)
+        cfg = config_from_dict(E.Config, config)
+        reports = _Reports(queue, cfg.steps)
+        records = train_unit(E.train_one, cfg, Unit(jobs, batched, ghosts), report=reports)
+        reports.flush()  # a job that stopped early (stop_at_val_acc) may have left its last report
     except PluginError as e:
         return "plugin_error", str(e)
     except Exception as e:
@@ -93,8 +127,10 @@ def describe(cfg, resources: dict, tasks: int) -> str:
 
 
 def train_on_ray(train_one, cfg, units: list, threads: int, progress, finished, unit_label, WorkerError) -> None:
-    """Train units as Ray tasks; progress lines as each finishes. Raises PluginError or WorkerError (one line)."""
+    """Train units as Ray tasks, their progress reports coming back through a queue (an actor on the cluster) as
+    a local pool's do. Raises PluginError or WorkerError (one line)."""
     import ray
+    from ray.util.queue import Queue
 
     path = os.path.abspath(sys.modules[train_one.__module__].__file__)
     shared = dataclasses.replace(cfg, out_dir=os.path.abspath(cfg.out_dir), plugins=tuple(
@@ -104,12 +140,22 @@ def train_on_ray(train_one, cfg, units: list, threads: int, progress, finished, 
     config = config_dict(shared)
     task = ray.remote(_train_unit_task).options(num_cpus=threads, num_gpus=1 if cfg.device == "cuda" else 0,
                                                 max_retries=1)
-    pending = {task.remote(path, config, unit.jobs, unit.batched, threads, unit.ghosts): unit for unit in units}
+    reports = Queue(actor_options={"num_cpus": 0})
+
+    def relay():
+        for report in reports.get_nowait_batch(reports.qsize()):
+            progress(*report)
+
+    pending = {task.remote(path, config, unit.jobs, unit.batched, threads, unit.ghosts, reports): unit
+               for unit in units}
     for unit in units:
         progress.line(f"{unit_label(unit)}: sent to the Ray cluster")
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            relay()  # a task puts its last report before it returns: it comes before the task's "done"
+            if not ready:
+                continue
             unit = pending.pop(ready[0])
             try:
                 kind, payload = ray.get(ready[0])
@@ -125,3 +171,4 @@ def train_on_ray(train_one, cfg, units: list, threads: int, progress, finished, 
     finally:
         for ref in pending:  # Ctrl-C or a failure: cancel what is still running (it restarts on resume)
             ray.cancel(ref, force=True)
+        reports.shutdown()

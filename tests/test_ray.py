@@ -1,5 +1,5 @@
 """Training on a real Ray cluster that the test starts on 127.0.0.1 (`ray start --head`) and stops: the same
-numbers as this machine's pool, a dying worker retried, a failure reported in one line with finished jobs kept,
+numbers and progress lines as this machine's pool, a dying worker retried, a failure reported in one line with finished jobs kept,
 Ctrl-C cancelling the tasks in flight, and an address where no cluster answers refused before any file is
 written."""
 import os
@@ -57,10 +57,22 @@ def stop_cluster(temp: str) -> None:
 
 def test_a_run_on_the_cluster_gives_the_numbers_of_a_local_run(cluster, tmp_path):
     args = [*TINY, "--batched=on", "--device=cpu"]  # the same on a machine with a GPU, whose cluster has none here
-    run_script("experiment.py", ["--out_dir=local", *args, "--workers=2"], tmp_path)
+    local = run_script("experiment.py", ["--out_dir=local", *args, "--workers=2"], tmp_path)
     proc = run_script("experiment.py", ["--out_dir=ray", *args, f"--ray_address={cluster}"], tmp_path)
     assert f"on the Ray cluster at {cluster} (2 CPUs; 2 task(s) at a time on cpu)" in proc.stderr
     assert "in 2 batches" in proc.stderr
+
+    def progress(stderr):  # each job's progress lines (its last step here) and "done" lines, in order
+        return [line for line in stderr.splitlines() if ": step " in line or ": done in " in line]
+
+    lines = progress(proc.stderr)  # the reports come back from the tasks as from the local pool's children
+    assert sorted(line for line in lines if ": step " in line) == \
+        sorted(line for line in progress(local.stderr) if ": step " in line) != []
+    done = [i for i, line in enumerate(lines) if ": done in " in line]
+    assert len(done) == 4, proc.stderr
+    for i in done:  # a job's report comes before its task's "done"
+        job = lines[i].split(": done in ")[0]
+        assert any(line.startswith(f"{job}: step ") for line in lines[:i]), proc.stderr
     assert read_json(tmp_path / "ray" / "final_info.json") == read_json(tmp_path / "local" / "final_info.json")
     for job in ("x_plus_y_0", "permutation_1"):
         for name in ("log.jsonl", "measures.jsonl", "model.safetensors"):
@@ -160,3 +172,35 @@ def test_an_address_where_no_cluster_answers_is_refused_before_any_file(tmp_path
                       check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "no Ray cluster answers there" in proc.stderr and os.listdir(tmp_path) == []
+
+
+def test_a_tasks_reports_go_in_one_call_a_second_and_the_lines_steps_at_once(monkeypatch):
+    import ray
+
+    from lab import raycluster
+
+    calls, clock = [], [100.0]
+    monkeypatch.setattr(raycluster.time, "monotonic", lambda: clock[0])
+
+    class Queue:
+        def put_nowait_batch(self, items):
+            calls.append([(job, step) for job, step, _ in items])
+
+    reports = raycluster._Reports(Queue(), steps=1500)
+    reports("a", 10, {})  # the first goes at once
+    reports("a", 20, {}), reports("b", 20, {}), reports("a", 30, {})  # within the second: kept, the latest of each
+    clock[0] += 1.0
+    reports("b", 40, {})
+    reports("b", 1000, {})  # a progress line's step: at once
+    reports("a", 1500, {})  # the last step: at once
+    reports("b", 1490, {})
+    reports.flush()  # the task's end
+    assert calls == [[("a", 10)], [("a", 30), ("b", 40)], [("b", 1000)], [("a", 1500)], [("b", 1490)]]
+
+    class Gone:
+        def put_nowait_batch(self, items):
+            raise ray.exceptions.RayError("the driver's queue is gone")
+
+    reports = raycluster._Reports(Gone(), steps=1500)
+    reports("a", 1000, {}), reports("a", 1500, {})  # no error reaches the training: reports stop
+    assert reports.queue is None
