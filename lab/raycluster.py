@@ -18,6 +18,7 @@ import time
 import torch
 
 from lab.plugins import PluginError
+from lab.runner import line_due
 
 
 def _experiment(path: str):
@@ -33,7 +34,7 @@ def _experiment(path: str):
 
 class _Reports:
     """A task's training report: sends (job, step, metrics) to the driver's queue in one call at most every every_s
-    seconds (each job's latest report: the driver's bar), at once for every 1000th and the last step (its lines),
+    seconds (each job's latest report: the driver's bar), at once for the steps of its lines (runner.line_due),
     and what is left at flush(). Progress is not worth a job: once the queue is gone (the driver stopping),
     reports stop."""
 
@@ -44,7 +45,7 @@ class _Reports:
     def __call__(self, job, step, metrics):
         self.latest.pop(job, None)  # re-inserted last: a batch keeps the order of the reports
         self.latest[job] = (job, step, metrics)
-        if step % 1000 == 0 or step == self.steps or time.monotonic() - self.sent >= self.every_s:
+        if line_due(step, self.steps) or time.monotonic() - self.sent >= self.every_s:
             self.flush()
 
     def flush(self):

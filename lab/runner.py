@@ -180,6 +180,11 @@ def label(job: Job) -> str:
     return " ".join([f"{job.op} seed {job.seed}", *(f"{k}={v}" for k, v in job.overrides)])
 
 
+def line_due(step: int, steps: int) -> bool:
+    """Whether Progress prints a job's line at this step (lines mode): every 1000th step and the last."""
+    return step % 1000 == 0 or step == steps
+
+
 class Progress:
     """A tqdm bar on a terminal; otherwise a plain line per job and about every 1000 steps."""
 
@@ -208,7 +213,7 @@ class Progress:
             self.bar.update(step - done)
             self.done[job] = step
             self.bar.set_postfix_str(f"{label(job)} val_acc {metrics['val_acc']:.3f}", refresh=False)
-        elif self.mode == "lines" and (step % 1000 == 0 or step == self.cfg.steps):
+        elif self.mode == "lines" and line_due(step, self.cfg.steps):
             self.line(f"{label(job)}: step {step}/{self.cfg.steps} train_acc {metrics['train_acc']:.3f} "
                       f"val_acc {metrics['val_acc']:.3f}")
 

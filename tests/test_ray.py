@@ -1,7 +1,7 @@
 """Training on a real Ray cluster that the test starts on 127.0.0.1 (`ray start --head`) and stops: the same
-numbers and progress lines as this machine's pool, a dying worker retried, a failure reported in one line with finished jobs kept,
-Ctrl-C cancelling the tasks in flight, and an address where no cluster answers refused before any file is
-written."""
+numbers and progress lines as this machine's pool, a dying worker retried, a failure reported in one line with
+finished jobs kept, Ctrl-C cancelling the tasks in flight, and an address where no cluster answers refused before
+any file is written."""
 import os
 import signal
 import socket
