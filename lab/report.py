@@ -2,6 +2,7 @@
 notes.txt findings block. `P` below is the plot module (plot.py): its Settings, `labels` and figure functions."""
 
 import functools
+import gc
 import glob
 import hashlib
 import os
@@ -428,6 +429,7 @@ def write_sweep_tables(outputs: list, out_dir: str) -> None:
 def main(P, args) -> int:
     """Everything plot.py writes: figures (P's functions, in a process pool, cached), metrics.csv/parquet,
     leadlag.csv, spikes.csv, analysis_summary.md and the notes.txt block. Returns the exit code."""
+    gc.freeze()  # the imported modules live until exit: no collection or exit walks them (runner.cli says why)
     runs = discover_runs(args, P.labels)
     sweeps = {run: name for run, name in runs.items() if os.path.exists(os.path.join(run, SWEEP))}
     runs = {run: name for run, name in runs.items() if run not in sweeps}  # a sweep's cells are analysed as a grid
