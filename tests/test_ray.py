@@ -1,7 +1,7 @@
 """Training on a real Ray cluster that the test starts on 127.0.0.1 (`ray start --head`) and stops: the same
-numbers and progress lines as this machine's pool, a dying worker retried, a failure reported in one line with
-finished jobs kept, Ctrl-C cancelling the tasks in flight, and an address where no cluster answers refused before
-any file is written."""
+numbers and progress lines as this machine's pool, a dying worker retried (its retry writing what a local run
+writes), a failure reported in one line with finished jobs kept, Ctrl-C cancelling the tasks in flight, and an
+address where no cluster answers refused before any file is written."""
 import os
 import signal
 import socket
@@ -122,6 +122,40 @@ def test_a_dying_worker_is_retried_once_then_reported_in_one_line(cluster, tmp_p
     assert (tmp_path / "r" / "deaths").read_text() == "died\n" * 2  # the first try and one retry
     finished = sorted(p.name for p in (tmp_path / "r").glob("final_info_*.json"))
     assert "final_info_x_plus_y_1.json" not in finished and not (tmp_path / "r" / "final_info.json").exists()
+
+
+DIES_ONCE = """import os
+import experiment
+
+
+class DiesOnce(experiment.Plugin):
+    name = "dies_once"
+
+    def on_step_end(self, run, step):
+        marker = os.path.join(run.cfg.out_dir, "..", "die_once")
+        if run.seed == 1 and step == 50 and os.path.exists(marker):
+            os.remove(marker)
+            os._exit(3)  # mid-run: its snapshots and log so far are on disk
+"""
+
+
+def test_a_worker_that_dies_mid_run_is_retried_and_the_retry_writes_what_a_local_run_writes(cluster, tmp_path):
+    (tmp_path / "dies_once.py").write_text(DIES_ONCE)
+    args = [*TINY, "--ops=x_plus_y", f"--plugins={tmp_path / 'dies_once.py'}"]
+    run_script("experiment.py", ["--out_dir=local", *args], tmp_path)  # no marker: nothing dies
+    (tmp_path / "die_once").touch()
+    run_script("experiment.py", ["--out_dir=ray", *args, f"--ray_address={cluster}"], tmp_path)
+    assert not (tmp_path / "die_once").exists()  # seed 1's first try died
+
+    def files(out_dir):  # every file of the job folders but run.json (its timings)
+        root = tmp_path / out_dir
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("x_plus_y_*/**/*"))
+                if p.is_file() and p.name != "run.json"}
+
+    ray, local = files("ray"), files("local")
+    assert sorted(ray) == sorted(local) and "x_plus_y_1/activations/step_000060.safetensors" in ray
+    assert [name for name in ray if ray[name] != local[name]] == []
+    assert read_json(tmp_path / "ray" / "final_info.json") == read_json(tmp_path / "local" / "final_info.json")
 
 
 HANGS = """import os
