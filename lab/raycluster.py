@@ -3,9 +3,10 @@ that writes its own folders under out_dir, which must lie on a filesystem every 
 (experiment.py) keeps what it does locally: the lock, resume (a finished job is never sent), final_info.json.
 
 A task imports experiment.py from its path, so every node must see the project at the same path too (a shared
-home or a network filesystem). A worker that dies is retried once; a second death, or an error, stops the run
-with one line, finished jobs kept. Ctrl-C cancels the tasks in flight. Progress reports come back through a
-queue actor, so the driver's bar and lines move as they do with a local pool.
+home or a network filesystem). A worker that dies is retried once (a line says so when the retry's reports
+start); a second death, or an error, stops the run with one line, finished jobs kept. Ctrl-C cancels the tasks
+in flight. Progress reports come back through a queue actor, so the driver's bar and lines move as they do with
+a local pool.
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ import time
 import torch
 
 from lab.plugins import PluginError
-from lab.runner import line_due
+from lab.runner import label, line_due
 
 
 def _experiment(path: str):
@@ -143,9 +144,14 @@ def train_on_ray(train_one, cfg, units: list, threads: int, progress, finished, 
                                                 max_retries=1)
     reports = Queue(actor_options={"num_cpus": 0})
 
+    latest = {}  # job -> its latest reported step; a task retried after its worker died reports from the start
+
     def relay():
-        for report in reports.get_nowait_batch(reports.qsize()):
-            progress(*report)
+        for job, step, metrics in reports.get_nowait_batch(reports.qsize()):
+            if step <= latest.get(job, 0):
+                progress.line(f"{label(job)}: its Ray worker died; the retry trains it again from the start")
+            latest[job] = step
+            progress(job, step, metrics)
 
     pending = {task.remote(path, config, unit.jobs, unit.batched, threads, unit.ghosts, reports): unit
                for unit in units}

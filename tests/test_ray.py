@@ -144,8 +144,10 @@ def test_a_worker_that_dies_mid_run_is_retried_and_the_retry_writes_what_a_local
     args = [*TINY, "--ops=x_plus_y", f"--plugins={tmp_path / 'dies_once.py'}"]
     run_script("experiment.py", ["--out_dir=local", *args], tmp_path)  # no marker: nothing dies
     (tmp_path / "die_once").touch()
-    run_script("experiment.py", ["--out_dir=ray", *args, f"--ray_address={cluster}"], tmp_path)
+    proc = run_script("experiment.py", ["--out_dir=ray", *args, f"--ray_address={cluster}"], tmp_path)
     assert not (tmp_path / "die_once").exists()  # seed 1's first try died
+    said = [line for line in proc.stderr.splitlines() if "Ray worker died" in line]
+    assert said == ["x_plus_y seed 1: its Ray worker died; the retry trains it again from the start"], proc.stderr
 
     def files(out_dir):  # every file of the job folders but run.json (its timings)
         root = tmp_path / out_dir
