@@ -99,6 +99,8 @@ def connect(address: str) -> dict:
         except (OSError, ValueError) as e:
             raise UsageError(f"--ray_address={address}: no Ray cluster answers there ({e}); give HOST:PORT of a "
                              "head started with `ray start --head`")
+        if not (sys.stdout.isatty() and sys.stderr.isatty()):  # a log file or a harness: no colour codes in it
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # (read by the driver as it prints its workers' lines)
         try:
             ray.init(address=address, logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": root}})
         except (ConnectionError, RuntimeError, ValueError) as e:

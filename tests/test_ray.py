@@ -148,6 +148,8 @@ def test_a_worker_that_dies_mid_run_is_retried_and_the_retry_writes_what_a_local
     assert not (tmp_path / "die_once").exists()  # seed 1's first try died
     said = [line for line in proc.stderr.splitlines() if "Ray worker died" in line]
     assert said == ["x_plus_y seed 1: its Ray worker died; the retry trains it again from the start"], proc.stderr
+    printed = proc.stdout + proc.stderr  # Ray's own lines on the death, without colour codes (not a terminal)
+    assert "(raylet)" in printed and "\x1b[" not in printed, printed
 
     def files(out_dir):  # every file of the job folders but run.json (its timings)
         root = tmp_path / out_dir
