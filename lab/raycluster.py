@@ -19,7 +19,7 @@ import time
 import torch
 
 from lab.plugins import PluginError
-from lab.runner import label, line_due
+from lab.runner import job_steps, label, line_due
 
 
 def _experiment(path: str):
@@ -39,14 +39,14 @@ class _Reports:
     and what is left at flush(). Progress is not worth a job: once the queue is gone (the driver stopping),
     reports stop."""
 
-    def __init__(self, queue, steps: int, every_s: float = 1.0):
-        self.queue, self.steps, self.every_s = queue, steps, every_s
+    def __init__(self, queue, cfg, every_s: float = 1.0):
+        self.queue, self.cfg, self.every_s = queue, cfg, every_s
         self.sent, self.latest = 0.0, {}
 
     def __call__(self, job, step, metrics):
         self.latest.pop(job, None)  # re-inserted last: a batch keeps the order of the reports
         self.latest[job] = (job, step, metrics)
-        if line_due(step, self.steps) or time.monotonic() - self.sent >= self.every_s:
+        if line_due(step, job_steps(self.cfg, job)) or time.monotonic() - self.sent >= self.every_s:
             self.flush()
 
     def flush(self):
@@ -73,7 +73,7 @@ def _train_unit_task(path: str, config: dict, jobs: tuple, batched: bool, thread
     torch.set_num_threads(threads)
     try:
         cfg = config_from_dict(E.Config, config)
-        reports = _Reports(queue, cfg.steps)
+        reports = _Reports(queue, cfg)
         records = train_unit(E.train_one, cfg, Unit(jobs, batched, ghosts), report=reports)
         reports.flush()  # a job that stopped early (stop_at_val_acc) may have left its last report
     except PluginError as e:

@@ -181,6 +181,11 @@ def label(job: Job) -> str:
     return " ".join([f"{job.op} seed {job.seed}", *(f"{k}={v}" for k, v in job.overrides)])
 
 
+def job_steps(cfg, job: Job) -> int:
+    """A job's number of steps: the run's, or its sweep cell's."""
+    return dict(job.overrides).get("steps", cfg.steps)
+
+
 def line_due(step: int, steps: int) -> bool:
     """Whether Progress prints a job's line at this step (lines mode): every 1000th step and the last."""
     return step % 1000 == 0 or step == steps
@@ -214,8 +219,8 @@ class Progress:
             self.bar.update(step - done)
             self.done[job] = step
             self.bar.set_postfix_str(f"{label(job)} val_acc {metrics['val_acc']:.3f}", refresh=False)
-        elif self.mode == "lines" and line_due(step, self.cfg.steps):
-            self.line(f"{label(job)}: step {step}/{self.cfg.steps} train_acc {metrics['train_acc']:.3f} "
+        elif self.mode == "lines" and line_due(step, steps := job_steps(self.cfg, job)):
+            self.line(f"{label(job)}: step {step}/{steps} train_acc {metrics['train_acc']:.3f} "
                       f"val_acc {metrics['val_acc']:.3f}")
 
     def close(self):
@@ -499,7 +504,7 @@ def _main_locked(E, cfg, cluster=None) -> dict:
         from lab import raycluster
 
         resources, run_cfg, workers = cluster
-    progress = Progress(cfg, sum(dataclasses.replace(cfg, **dict(job.overrides)).steps for job in todo))
+    progress = Progress(cfg, sum(job_steps(cfg, job) for job in todo))
     for job in every:
         if job not in todo:
             progress.line(f"{label(job)}: already finished in {cfg.out_dir}, skipped")

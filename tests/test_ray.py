@@ -215,7 +215,9 @@ def test_an_address_where_no_cluster_answers_is_refused_before_any_file(tmp_path
 def test_a_tasks_reports_go_in_one_call_a_second_and_the_lines_steps_at_once(monkeypatch):
     import ray
 
+    import experiment as E
     from lab import raycluster
+    from lab.schema import Job
 
     calls, clock = [], [100.0]
     monkeypatch.setattr(raycluster.time, "monotonic", lambda: clock[0])
@@ -224,21 +226,23 @@ def test_a_tasks_reports_go_in_one_call_a_second_and_the_lines_steps_at_once(mon
         def put_nowait_batch(self, items):
             calls.append([(job, step) for job, step, _ in items])
 
-    reports = raycluster._Reports(Queue(), steps=1500)
-    reports("a", 10, {})  # the first goes at once
-    reports("a", 20, {}), reports("b", 20, {}), reports("a", 30, {})  # within the second: kept, the latest of each
+    a, b, short = Job("x_plus_y", 0), Job("x_plus_y", 1), Job("x_plus_y", 2, (("steps", 300),))
+    reports = raycluster._Reports(Queue(), E.Config(steps=1500))
+    reports(a, 10, {})  # the first goes at once
+    reports(a, 20, {}), reports(b, 20, {}), reports(a, 30, {})  # within the second: kept, the latest of each
     clock[0] += 1.0
-    reports("b", 40, {})
-    reports("b", 1000, {})  # a progress line's step: at once
-    reports("a", 1500, {})  # the last step: at once
-    reports("b", 1490, {})
+    reports(b, 40, {})
+    reports(b, 1000, {})  # a progress line's step: at once
+    reports(a, 1500, {})  # the last step: at once
+    reports(short, 300, {})  # a sweep cell's own last step: at once
+    reports(b, 1490, {})
     reports.flush()  # the task's end
-    assert calls == [[("a", 10)], [("a", 30), ("b", 40)], [("b", 1000)], [("a", 1500)], [("b", 1490)]]
+    assert calls == [[(a, 10)], [(a, 30), (b, 40)], [(b, 1000)], [(a, 1500)], [(short, 300)], [(b, 1490)]]
 
     class Gone:
         def put_nowait_batch(self, items):
             raise ray.exceptions.RayError("the driver's queue is gone")
 
-    reports = raycluster._Reports(Gone(), steps=1500)
-    reports("a", 1000, {}), reports("a", 1500, {})  # no error reaches the training: reports stop
+    reports = raycluster._Reports(Gone(), E.Config(steps=1500))
+    reports(a, 1000, {}), reports(a, 1500, {})  # no error reaches the training: reports stop
     assert reports.queue is None

@@ -47,6 +47,21 @@ def test_bad_sweep_values_are_refused_one_line_each_before_any_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_progress_lines_count_a_cells_own_steps(capsys):
+    from lab.runner import Progress
+    from lab.schema import Job
+
+    progress = Progress(E.Config(steps=1500, progress="lines"), total_steps=1800)
+    short, long = Job("x_plus_y", 0, (("steps", 300),)), Job("x_plus_y", 0, (("steps", 2000),))
+    for job, steps in ((short, (300,)), (long, (300, 1000)), (Job("x_plus_y", 0), (300, 1000))):
+        for step in steps:
+            progress(job, step, {"train_acc": 1.0, "val_acc": 0.5})
+    assert capsys.readouterr().err.splitlines() == [
+        "x_plus_y seed 0 steps=300: step 300/300 train_acc 1.000 val_acc 0.500",
+        "x_plus_y seed 0 steps=2000: step 1000/2000 train_acc 1.000 val_acc 0.500",
+        "x_plus_y seed 0: step 1000/1500 train_acc 1.000 val_acc 0.500"]
+
+
 @pytest.fixture(scope="module")
 def clean_sweep(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("sweep")
