@@ -17,9 +17,9 @@ TINY = ["--ops=x_plus_y,permutation", "--seeds=2", "--steps=60", "--capture_ever
         "--measure_sparse_every=20", "--workers=1"]
 
 
-def run_script(script, args, cwd, timeout=600, check=True):
-    """Run a project script as a user would; returns the CompletedProcess."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+def run_script(script, args, cwd, timeout=600, check=True, env=None):
+    """Run a project script as a user would (env: more environment variables); returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

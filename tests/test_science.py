@@ -1,12 +1,13 @@
 """Science, not plumbing: a small config really groks, and its last layer really clusters by answer.
 
 Grokking is chaotic: float rounding differs between CPU models, so the same seed groks at another step and its
-loss spikes after grokking land elsewhere. This config groks at steps 1020 to 1160 under every perturbation
-tried (seeds 0-2, --threads=2, --dtype=bf16, --batch_size=256) and then spikes about every 130 steps (so does
-every small config tried; see docs/testing.md). So the tests never read one step after grokking: they read
-medians over the window WINDOW_START..STEPS, which spans several spikes, with wide margins.
+loss spikes after grokking land elsewhere. This config groks between steps 990 and 1170 under every perturbation
+tried (seeds 0-2, --threads=2, --dtype=bf16, --batch_size=256, an AVX2 CPU's kernels or scalar ones; table in
+docs/testing.md) and then spikes about every 130 steps (so does every small config tried). So the tests never read
+one step after grokking: they read medians over the window WINDOW_START..STEPS, which spans several spikes, with
+wide margins.
 
-    SCIENCE_PERTURBATIONS=1 python -m pytest -q tests/test_science.py     # also under 4 perturbations (slow)
+    SCIENCE_PERTURBATIONS=1 python -m pytest -q tests/test_science.py     # also under 6 perturbations (slow)
 """
 import csv
 import json
@@ -21,17 +22,21 @@ from conftest import read_json, run_script
 STEPS, WINDOW_START = 2000, 1500
 GROKS = ["--ops=x_plus_y", "--seeds=1", "--p=31", "--d_model=64", "--lr=2e-3", "--weight_decay=1.0",
          "--train_frac=0.7", f"--steps={STEPS}", "--capture_every=250", "--workers=1", "--threads=1"]
-PERTURBATIONS = {"baseline": []}
+PERTURBATIONS = {"baseline": ([], {})}  # name: (more flags, more environment variables)
 if os.environ.get("SCIENCE_PERTURBATIONS"):  # each changes the float rounding or the trajectory
-    PERTURBATIONS |= {"threads_2": ["--threads=2"], "seeds_0_to_2": ["--seeds=3", "--workers=2"],
-                      "bf16": ["--dtype=bf16"], "batch_256": ["--batch_size=256"]}
+    PERTURBATIONS |= {"threads_2": (["--threads=2"], {}), "seeds_0_to_2": (["--seeds=3", "--workers=2"], {}),
+                      "bf16": (["--dtype=bf16"], {}), "batch_256": (["--batch_size=256"], {}),
+                      # another CPU's rounding on this one: ATen's vectorised kernels of an AVX2 CPU, or none
+                      "avx2_kernels": ([], {"ATEN_CPU_CAPABILITY": "avx2"}),
+                      "scalar_kernels": ([], {"ATEN_CPU_CAPABILITY": "default"})}
 
 
 @pytest.fixture(scope="module", params=list(PERTURBATIONS))
 def grokked_run(request, tmp_path_factory):
     cwd = tmp_path_factory.mktemp(f"science_{request.param}")
-    run_script("experiment.py", ["--out_dir=run_grok", *GROKS, *PERTURBATIONS[request.param]], cwd, timeout=1800)
-    run_script("plot.py", ["--no_tsne"], cwd)
+    flags, env = PERTURBATIONS[request.param]
+    run_script("experiment.py", ["--out_dir=run_grok", *GROKS, *flags], cwd, timeout=1800, env=env)
+    run_script("plot.py", ["--no_tsne"], cwd, env=env)
     return cwd
 
 
