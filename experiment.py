@@ -15,7 +15,6 @@ and the evaluation. The machinery that must never break (flags, validation, file
 research plugins and the metrics) is in the package lab/ beside this file.
 """
 
-import dataclasses
 import math
 import os
 import shutil
@@ -625,7 +624,7 @@ def prepare(cfg: Config, job: Job) -> Run:
     """A job made ready to train: its folder (an unfinished earlier attempt's removed), split and example table,
     data on the device (run.x_train, y_train, x_val, y_val), its plugins (run.hooks) and its model, initialised
     under the init seed. train_one and the batched trainer (lab/batched.py) both start here."""
-    cfg = dataclasses.replace(cfg, **dict(job.overrides))
+    cfg = job.config(cfg)
     device = runner.device_of(cfg)
     seeds = derived_seeds(job.seed)
     out_dir = job_dir(cfg.out_dir, job)

@@ -83,7 +83,7 @@ def why_not(E, cfg) -> str | None:
 
 def shape_key(E, cfg, job) -> tuple:
     """Jobs with equal keys can train in one batch: the same model shape, steps, schedule and batch size."""
-    job_cfg = dataclasses.replace(cfg, **dict(job.overrides))
+    job_cfg = job.config(cfg)
     task = E.task_of(job_cfg, job.op)
     n_train = int(len(task.y) * job_cfg.train_frac)
     batch = n_train if job_cfg.sampler == "full" else job_cfg.batch_size or min(512, -(-n_train // 2))
@@ -400,7 +400,7 @@ def time_batch(E, cfg, jobs: tuple, repeats: int = 3, one_by_one: bool = True) -
 
     rng_state = torch.get_rng_state()
     try:
-        cfgs = [dataclasses.replace(cfg, **dict(job.overrides)) for job in jobs]
+        cfgs = [job.config(cfg) for job in jobs]
         device = runner.device_of(cfgs[0])
         task = E.task_of(cfgs[0], jobs[0].op)
         torch.manual_seed(0)

@@ -6,7 +6,6 @@ each step instead; both are reported, under different names (docs/presets.md, "T
 `E` below is the experiment module (experiment.py): its Config, ops and models.
 """
 
-import dataclasses
 import os
 
 import numpy as np
@@ -46,7 +45,7 @@ def final_key_progress(E, run_dir: str, job: Job) -> dict | None:
         if cached.get("stamp") == stamp:
             return cached
     cfg = config_from_dict(E.Config, read_json(os.path.join(run_dir, CONFIG)))
-    cfg = dataclasses.replace(cfg, **dict(job.overrides))
+    cfg = job.config(cfg)
     task = E.task_of(cfg, job.op)
     cyclic = cyclic_coordinates(task, E.OPS[job.op])
     if cyclic is None:

@@ -19,7 +19,7 @@ import time
 import torch
 
 from lab.plugins import PluginError
-from lab.runner import job_steps, label, line_due
+from lab.runner import label, line_due
 
 
 def _experiment(path: str):
@@ -46,7 +46,7 @@ class _Reports:
     def __call__(self, job, step, metrics):
         self.latest.pop(job, None)  # re-inserted last: a batch keeps the order of the reports
         self.latest[job] = (job, step, metrics)
-        if line_due(step, job_steps(self.cfg, job)) or time.monotonic() - self.sent >= self.every_s:
+        if line_due(step, job.config(self.cfg).steps) or time.monotonic() - self.sent >= self.every_s:
             self.flush()
 
     def flush(self):

@@ -1,7 +1,6 @@
 """Running an experiment: the out_dir lock, resume, the worker pool and signals, and final_info.json.
 `E` below is the experiment module (experiment.py): its Config, registries and train_one."""
 
-import dataclasses
 import gc
 import importlib
 import json
@@ -121,7 +120,7 @@ def load_model(E, run_dir: str, op: str, seed: int, device: str = "cpu", checkpo
 
     job = job or Job(op, seed)
     cfg = config_from_dict(E.Config, read_json(os.path.join(run_dir, CONFIG)))
-    cfg = dataclasses.replace(cfg, **dict(job.overrides))
+    cfg = job.config(cfg)
     model = E.build_model(cfg, E.task_of(cfg, op))
     folder = job_dir(run_dir, job)
     load(model, os.path.join(folder, CHECKPOINTS, checkpoint) if checkpoint else os.path.join(folder, MODEL),
@@ -181,11 +180,6 @@ def label(job: Job) -> str:
     return " ".join([f"{job.op} seed {job.seed}", *(f"{k}={v}" for k, v in job.overrides)])
 
 
-def job_steps(cfg, job: Job) -> int:
-    """A job's number of steps: the run's, or its sweep cell's."""
-    return dict(job.overrides).get("steps", cfg.steps)
-
-
 def line_due(step: int, steps: int) -> bool:
     """Whether Progress prints a job's line at this step (lines mode): every 1000th step and the last."""
     return step % 1000 == 0 or step == steps
@@ -219,7 +213,7 @@ class Progress:
             self.bar.update(step - done)
             self.done[job] = step
             self.bar.set_postfix_str(f"{label(job)} val_acc {metrics['val_acc']:.3f}", refresh=False)
-        elif self.mode == "lines" and line_due(step, steps := job_steps(self.cfg, job)):
+        elif self.mode == "lines" and line_due(step, steps := job.config(self.cfg).steps):
             self.line(f"{label(job)}: step {step}/{steps} train_acc {metrics['train_acc']:.3f} "
                       f"val_acc {metrics['val_acc']:.3f}")
 
@@ -504,7 +498,7 @@ def _main_locked(E, cfg, cluster=None) -> dict:
         from lab import raycluster
 
         resources, run_cfg, workers = cluster
-    progress = Progress(cfg, sum(job_steps(cfg, job) for job in todo))
+    progress = Progress(cfg, sum(job.config(cfg).steps for job in todo))
     for job in every:
         if job not in todo:
             progress.line(f"{label(job)}: already finished in {cfg.out_dir}, skipped")

@@ -1,5 +1,6 @@
 """What experiment.py writes and plot.py reads: file names, job names, thresholds and the metric registry."""
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -30,6 +31,10 @@ class Job:
     @property
     def name(self) -> str:
         return job_name(self.op, self.seed, self.overrides)
+
+    def config(self, cfg):
+        """The Config this job trains with: the run's, with the job's overrides."""
+        return dataclasses.replace(cfg, **dict(self.overrides))
 
 
 def job_name(op: str, seed: int, overrides: tuple = ()) -> str:
