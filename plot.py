@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 
 from lab import report  # noqa: E402
 from lab.analysis import (LEADLAG_HALF_WIDTH, Pair, completion, describe_grokking, end_state,  # noqa: E402
-                          grok_summary, leadlag_end, leadlag_table, load_snapshot, mean_stderr, measure_label,
-                          measure_series, phase_snapshots, read_examples, read_log, warn)
+                          grok_summary, is_trivial, leadlag_end, leadlag_table, load_snapshot, mean_stderr,
+                          measure_label, measure_series, phase_snapshots, reads_tag, read_examples, read_log, warn)
 from lab.files import atomic_write, read_json  # noqa: E402
 from lab.schema import FINAL_KEYS, LAYERS, METRIC_SPLITS, METRIC_TITLES, MODEL_MEASURES  # noqa: E402
 
@@ -494,7 +494,7 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
     """Every measure's progress (0 to 1 between the memorisation step and the end) on one time axis aligned on each
     seed's grokking step, as a heatmap ordered by mean lead, with the leads beside it."""
     full_table = leadlag_table(leadlag)
-    table = [t for t in full_table if t["n"]]
+    table = [t for t in full_table if t["n"] or t["t50_n"]]
     grokked = [p for p in pairs if p.grok_step is not None and p.memorisation_step is not None]
     if not table or not grokked:
         return []
@@ -524,10 +524,12 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
     mesh = ax.imshow(image, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
                      extent=(grid[0], grid[-1], len(table) - 0.5, -0.5))
     ax.axvline(0, color="white", linestyle="--", linewidth=1)
+    ax.scatter([t["onset_from_grok"] for t in table], range(len(table)), marker="o", color="white", s=12,
+               label="mean onset (leaves its post-memorisation band)")
     ax.scatter([t["t50_from_grok"] for t in table], range(len(table)), marker="|", color="white", s=60,
                label="mean t50 (half the change done)")
     ax.legend(fontsize=7, loc="lower left")
-    labels = [measure_label(t["layer"], t["split"], t["measure"]) for t in table]
+    labels = [measure_label(t["layer"], t["split"], t["measure"]) + reads_tag(t["reads"]) for t in table]
     ax.set_yticks(range(len(table)))
     ax.set_yticklabels(labels, fontsize=7)
     for tick, t in zip(ax.get_yticklabels(), table):
@@ -537,20 +539,22 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
     ax.set_xlabel("update step relative to each seed's grokking step (val acc > 0.99)")
     fig.colorbar(mesh, ax=ax, fraction=0.03, pad=0.01).set_label("share of the change completed (0 to 1)")
     means = np.array([t["lead_mean"] for t in table])
-    errs = np.array([t["lead_stderr"] if t["n"] > 1 else 0 for t in table])
-    colors = ["crimson" if t["layer"] == "log" and t["split"] == "val" and t["measure"] == "acc" else ("C2" if t["leads"] == t["n"] else
-              "C3" if t["lags"] == t["n"] else "grey") for t in table]
-    bars.barh(range(len(table)), means, xerr=errs, color=colors, height=0.6, error_kw={"linewidth": 0.8})
+    errs = np.array([[m - t["lead_lo"], t["lead_hi"] - m] if t["n"] > 1 else [0, 0] for m, t in zip(means, table)]).T
+    colors = ["crimson" if is_trivial(t) and t["split"] == "val" else "C2" if t["n"] > 1 and t["lead_lo"] > 0
+              else "C3" if t["n"] > 1 and t["lead_hi"] < 0 else "grey" for t in table]
+    bars.barh(range(len(table)), means, xerr=np.nan_to_num(errs), color=colors, height=0.6,
+              error_kw={"linewidth": 0.8})
     bars.axvline(0, color="black", linewidth=0.8)
     for i, t in enumerate(table):
         bars.text(1.0, i, f" {t['leads']}/{t['n']}", va="center", fontsize=6, transform=bars.get_yaxis_transform())
-    bars.set_xlabel("lead over val acc's 50% step (steps)\ngreen: leads in every seed, red: lags in every seed")
+    bars.set_xlabel("onset lead over val acc's onset (steps; mean, 95% bootstrap interval over seeds)\n"
+                    "green: interval above 0, red: below 0; k/n: seeds in which it leaves first")
     bars.grid(axis="x", alpha=0.3)
-    never = [t for t in full_table if not t["n"]]
+    never = [t for t in full_table if not t["n"] and not t["t50_n"]]
     steps_text = ", ".join(str(p.grok_step) for p in grokked)
     cut = ", ".join(f"seed {seed} at step {end}" for seed, end in ends.items() if end is not None)
     fig.suptitle(f"Who moves first: {run}, {op}; {len(grokked)} grokked seed(s) (grokking steps {steps_text}), "
-                 f"{len(pairs) - len(grokked)} left out\nrows ordered by mean lead (top: first to move); colour: "
+                 f"{len(pairs) - len(grokked)} left out\nrows ordered by mean onset lead (top: first to move); colour: "
                  f"mean over seeds of each measure's progress, running median over ±{LEADLAG_HALF_WIDTH} steps"
                  + (f"; {len(never)} measure(s) never change (see analysis_summary.md)" if never else "")
                  + (f"\nread up to the evaluation before a spike that lasts to the end: {cut}" if cut else ""),
@@ -559,8 +563,9 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
     path = os.path.join(out_dir, f"progress_{run}_{op}.png".replace(os.sep, "_"))
     save(fig, path)
     return [(path, f"Every measure of {op} (run {run}) as the share of its change completed, aligned on each seed's "
-                   "grokking step and ordered by its mean lead over validation accuracy (top: moves first), "
-                   "with the leads (mean ± stderr, seeds leading) beside it.")]
+                   "grokking step and ordered by its onset lead over validation accuracy (top: leaves its "
+                   "post-memorisation band first), with the onset leads (mean, 95% bootstrap interval, seeds "
+                   "leading) beside it; [reads val labels] marks a reference, not a predictor.")]
 
 
 PHASE_COLORS = {"no fit": "#9e9e9e", "memorise": "#d62728", "grok": "#1f77b4", "fit": "#2ca02c", "mixed": "#f2c14e"}
@@ -679,42 +684,61 @@ def _ink(rgba) -> str:
     return "black" if 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5 else "white"
 
 
-def earlywarning_figure(run: str, table: list, out_dir: str) -> list:
-    """Every measure's held-out hit rate and false-alarm rate, ranked by their difference, and its lead."""
-    from lab.phases import HALF
+def earlywarning_figure(run: str, table: list, clock: list, counts: dict, out_dir: str) -> list:
+    """Every rule of the sweep's early-warning table, baselines first: its held-out within-cell concordance, its
+    held-out J (by cell; hollow: by op), and its clock slope, each with its 95% interval; colour: what it reads."""
+    from lab.earlywarning import FAMILIES, PRIMARY
 
-    table = [t for t in table if not math.isnan(t["score"])]
-    if not table:
+    rows = [t for t in table if np.isfinite(t[f"c_{PRIMARY}"]) or np.isfinite(t["J"])]
+    if not rows:
         return []
-    height = 1.8 + 0.22 * len(table)
-    fig, (rates, leads) = plt.subplots(1, 2, figsize=(12, height), sharey=True, gridspec_kw={"width_ratios": [2, 1.3]})
-    rows = np.arange(len(table))
-    rates.barh(rows - 0.2, [t["hit_rate"] for t in table], height=0.4, color="C0", label="hit rate (grokking runs)")
-    rates.barh(rows + 0.2, [t["false_alarm_rate"] for t in table], height=0.4, color="C3",
-               label="false-alarm rate (runs that never grok)")
-    for i, t in enumerate(table):
-        rates.text(1.02, i, f"J {t['score']:+.2f}", va="center", fontsize=6, transform=rates.get_yaxis_transform())
-    rates.set_yticks(rows, [t["measure"] for t in table], fontsize=7)
-    rates.invert_yaxis()
-    rates.set_xlim(0, 1)
-    rates.set_xlabel("share of held-out runs")
-    rates.legend(fontsize=7, loc="lower right")
-    known = [(i, t) for i, t in enumerate(table) if t["lead_mean"] is not None]
-    leads.errorbar([t["lead_mean"] for _, t in known], [i for i, _ in known],
-                   xerr=[t["lead_stderr"] for _, t in known], fmt="o", markersize=3, color="C0")
-    leads.axvline(0, color="black", linewidth=0.8)
-    leads.set_xlabel(f"alarm's lead over val acc's {HALF:.0%} step\n(grokking runs with an alarm; mean ± stderr)")
-    leads.grid(axis="x", alpha=0.3)
-    first = table[0]
-    fig.suptitle(f"Early warning, sweep {run}: {first['grok_runs']} grokking and {first['never_runs']} never-grokking "
-                 f"runs, each judged with thresholds fitted on the other seeds\nranked by J = hit rate - false-alarm "
-                 "rate (top: best predictor)", fontsize=9)
+    family = next(iter(FAMILIES))
+    slopes = {c["measure"]: c for c in clock if c["family"] == family}
+    colour = {"baseline": "black", "predictor": "C0", "reference": "C1"}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 1.8 + 0.22 * len(rows)), sharey=True)
+    y = np.arange(len(rows))
+
+    def dots(ax, key, low, high, **style):
+        value = np.array([t[key] for t in rows], dtype=float)
+        err = np.array([[v - t[low], t[high] - v] for v, t in zip(value, rows)], dtype=float).T
+        for role in colour:
+            mine = np.array([t["role"] == role for t in rows])
+            ax.errorbar(value[mine], y[mine], xerr=np.nan_to_num(err[:, mine]), fmt="o", markersize=4,
+                        color=colour[role], elinewidth=0.8, **style)
+
+    dots(axes[0], f"c_{PRIMARY}", f"c_{PRIMARY}_lo", f"c_{PRIMARY}_hi")
+    axes[0].axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    axes[0].set_xlabel(f"within-cell concordance with time to grokking, {PRIMARY} steps after memorisation\n"
+                       "(held-out cells; 0.5: the configuration alone)")
+    dots(axes[1], "J", "J_lo", "J_hi")
+    axes[1].scatter([t["J_op"] for t in rows], y, facecolors="none", edgecolors="grey", s=18,
+                    label="fitted on the other op")
+    axes[1].axvline(0, color="grey", linestyle="--", linewidth=0.8)
+    axes[1].set_xlabel("J = hit rate - false-alarm rate\n(thresholds fitted on the other cells)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    value = np.array([slopes[t["measure"]]["slope"] if t["measure"] in slopes else np.nan for t in rows])
+    err = np.array([[v - slopes[t["measure"]]["slope_lo"], slopes[t["measure"]]["slope_hi"] - v]
+                    if t["measure"] in slopes else [0, 0] for v, t in zip(value, rows)]).T
+    axes[2].errorbar(value, y, xerr=np.nan_to_num(err), fmt="s", markersize=4, color="C2", elinewidth=0.8)
+    for x in (0, 1):
+        axes[2].axvline(x, color="grey", linestyle="--", linewidth=0.8)
+    axes[2].set_xlabel(f"clock test: slope of onset on val acc's onset\nacross cells, {family} "
+                       "(1: with grokking, 0: a clock)")
+    axes[0].set_yticks(y, [f"{t['measure']} [{t['reads']}]" for t in rows], fontsize=7)
+    for tick, t in zip(axes[0].get_yticklabels(), rows):
+        tick.set_color(colour[t["role"]])
+    axes[0].invert_yaxis()
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Early warning, sweep {run}: {counts['positive']} runs reach val acc 0.5, {counts['negative']} never "
+                 f"do, {counts['censored']} censored; 95% intervals (bootstrap over cells)\nblack: baselines (config), "
+                 "blue: predictors (no validation labels), orange: references (read validation labels)", fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, f"earlywarning_{run}.png".replace(os.sep, "_"))
     save(fig, path)
-    return [(path, f"Early warning over sweep {run}: per measure, the share of grokking runs its alarm warns before "
-                   "val accuracy's 50% step and the share of never-grokking runs it alarms in anyway (held-out "
-                   "seeds), ranked by their difference, with the alarm's lead.")]
+    return [(path, f"Early warning over sweep {run}: per measure and baseline, the held-out within-cell concordance "
+                   "of its value with the time to grokking (0.5: what the configuration alone gives), its held-out "
+                   "hit - false-alarm rate, and its clock slope, each with a 95% interval; coloured by what it reads.")]
 
 
 def parse_args(argv=None):

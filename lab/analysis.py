@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lab import measures
+from lab import measures, onset, stats
 from lab.files import read_json, write_json
 from lab.schema import (ACTIVATIONS, CONFIG, EXAMPLES, FINAL_KEYS, GROKKED_ABOVE, INDEX, LOG, LOG_MEASURES, LOG_METRICS,
-                        MEASURES, MEMORISED_AT, METRIC_SPLITS, PLUGIN_FILES, RUN, Job, final_info_file, job_dir,
-                        phase_of)
+                        LAYERS, MEASURES, MEMORISED_AT, METRIC_SPLITS, PLUGIN_FILES, RUN, Job, final_info_file,
+                        is_predictor, job_dir, phase_of, reads)
 
 PHASES = ("before", "during", "after")
 
@@ -473,10 +473,30 @@ def leadlag_end(pair: Pair) -> int | None:
     return state["spikes"][-1]["from_step"] if state["ends_in_spike"] else None
 
 
+GRID_EVERY = 100  # the measurement grid of a run without measures.jsonl: its evaluations every this many steps
+
+
+def measurement_grid(pair: Pair, rows: list, start: int) -> np.ndarray:
+    """The steps of the job's representation measurements (measures.jsonl: layers first/last) at or after start;
+    for a job without enough of them, its evaluations from start on, every GRID_EVERY steps. Onsets are read on
+    it (lab.onset), so every measure, the learning curves included, is read at the same steps."""
+    steps = sorted({r["step"] for r in rows if r["layer"] in LAYERS and r["step"] >= start})
+    if len(steps) < onset.BAND:
+        logged = [r["step"] for r in pair.log if r["step"] >= start]
+        steps = [s for s in logged if (s - logged[0]) % GRID_EVERY == 0]
+    return np.array(steps, dtype=float)
+
+
+def onsets(series: dict, grid: np.ndarray) -> dict:
+    """(layer, split, metric) -> (step, side) of each measure's onset on the grid (lab.onset), or None."""
+    return {key: onset.onset(grid, onset.grid_values(steps, values, grid)) for key, (steps, values) in series.items()}
+
+
 def leadlag_rows(pairs: list, rows: list) -> tuple[list, list]:
-    """(rows of leadlag.csv, seeds left out): per grokked seed and measure, t10/t50/t90 from its memorisation
-    step to the end (leadlag_end), and lead = val accuracy's t50 - the measure's t50 (positive: the measure
-    moves first)."""
+    """(rows of leadlag.csv, seeds left out): per grokked seed and measure, its onset (the first step it leaves its
+    post-memorisation band, lab.onset) and onset_lead = val accuracy's onset minus the measure's (positive: the
+    measure moves first); and, secondary, t10/t50/t90 from its memorisation step to the end (leadlag_end) with
+    t50_lead = val accuracy's t50 - the measure's t50."""
     out, left_out = [], []
     for pair in pairs:
         if pair.grok_step is None or pair.memorisation_step is None:
@@ -486,35 +506,53 @@ def leadlag_rows(pairs: list, rows: list) -> tuple[list, list]:
         series = measure_series(pair, mine)
         end = leadlag_end(pair)
         reference = completion(*series[("log", "val", "acc")], pair.memorisation_step, end=end)
-        if reference is None:
+        started = onsets(series, measurement_grid(pair, mine, pair.memorisation_step))
+        val_onset = started.get(("log", "val", "acc"))
+        if reference is None and val_onset is None:
             left_out.append(pair.seed)
             continue
-        val_t50 = reference[0][1]
+        val_t50 = None if reference is None else reference[0][1]
         for (layer, split, metric), (steps, values) in sorted(series.items()):
             found = completion(steps, values, pair.memorisation_step, end=end)
             times = found[0] if found else [None] * 3
+            began = started[(layer, split, metric)]
             out.append({"run": pair.run, "op": pair.op, "seed": pair.seed, "measure": metric, "layer": layer,
-                        "split": split, "t10": times[0], "t50": times[1], "t90": times[2],
-                        "lead": None if found is None else val_t50 - times[1], "grok_step": pair.grok_step,
-                        "memorisation_step": pair.memorisation_step})
+                        "split": split, "reads": reads(layer, split, metric),
+                        "onset": None if began is None else began[0],
+                        "onset_side": None if began is None else "up" if began[1] > 0 else "down",
+                        "onset_lead": None if began is None or val_onset is None else val_onset[0] - began[0],
+                        "t10": times[0], "t50": times[1], "t90": times[2],
+                        "t50_lead": None if found is None or val_t50 is None else val_t50 - times[1],
+                        "grok_step": pair.grok_step, "memorisation_step": pair.memorisation_step})
     return out, left_out
 
 
+LEADLAG_COLUMNS = ["run", "op", "seed", "measure", "layer", "split", "reads", "onset", "onset_side", "onset_lead",
+                   "t10", "t50", "t90", "t50_lead"]
+
+
 def leadlag_table(rows: list) -> list:
-    """Per measure over seeds: mean ± stderr of the lead, how many seeds it leads / lags in, mean t50 relative
-    to grokking; sorted by mean lead, leaders first. Measures that never change are kept with n = 0."""
+    """Per measure over seeds: the onset lead's mean with a bootstrap interval over seeds (lab.stats), in how many
+    seeds it leads / lags, its mean onset relative to grokking; the t50 lead's mean ± stderr. Sorted by mean onset
+    lead, leaders first; measures that never leave their band are kept with n = 0."""
     by_measure = {}
     for r in rows:
         by_measure.setdefault((r["layer"], r["split"], r["measure"]), []).append(r)
     table = []
     for (layer, split, measure), found in by_measure.items():
-        leads = np.array([r["lead"] for r in found if r["lead"] is not None], dtype=float)
-        t50 = np.array([r["t50"] - r["grok_step"] for r in found if r["t50"] is not None], dtype=float)
-        mean, err = mean_stderr(leads[:, None]) if len(leads) else (np.array([np.nan]), np.array([np.nan]))
-        table.append({"layer": layer, "split": split, "measure": measure, "n": len(leads), "seeds": len(found),
-                      "lead_mean": float(mean[0]), "lead_stderr": float(err[0]),
-                      "leads": int((leads > 0).sum()), "lags": int((leads < 0).sum()),
-                      "t50_from_grok": float(t50.mean()) if len(t50) else float("nan")})
+        leads = np.array([r["onset_lead"] for r in found if r["onset_lead"] is not None], dtype=float)
+        low, high = stats.bootstrap(list(leads), np.mean)
+        t50_leads = np.array([r["t50_lead"] for r in found if r["t50_lead"] is not None], dtype=float)
+        mean, err = mean_stderr(t50_leads[:, None]) if len(t50_leads) else (np.array([np.nan]), np.array([np.nan]))
+        relative = [r["onset"] - r["grok_step"] for r in found if r["onset"] is not None]
+        table.append({"layer": layer, "split": split, "measure": measure, "reads": reads(layer, split, measure),
+                      "n": len(leads), "seeds": len(found),
+                      "lead_mean": float(leads.mean()) if len(leads) else float("nan"), "lead_lo": low,
+                      "lead_hi": high, "leads": int((leads > 0).sum()), "lags": int((leads < 0).sum()),
+                      "onset_from_grok": float(np.mean(relative)) if relative else float("nan"),
+                      "t50_n": len(t50_leads), "t50_lead_mean": float(mean[0]), "t50_lead_stderr": float(err[0]),
+                      "t50_from_grok": float(np.mean([r["t50"] - r["grok_step"] for r in found if r["t50"] is not None]))
+                      if any(r["t50"] is not None for r in found) else float("nan")})
     return sorted(table, key=lambda t: (t["n"] == 0, -t["lead_mean"] if t["n"] else 0, t["measure"]))
 
 
@@ -528,33 +566,45 @@ def measure_label(layer: str, split: str, measure: str) -> str:
     return f"{measure} ({layer}, {split})" if layer != "log" else f"{split}_{measure}"
 
 
+READS_TAGS = {"val_labels": " [reads val labels]", "final_model": " [reads the final model]",
+              "unknown": " [reads: undeclared]"}
+
+
+def reads_tag(kind: str) -> str:
+    """'' for a measure that reads no validation labels, else what a sentence names beside it (READS_TAGS)."""
+    return "" if is_predictor(kind) else READS_TAGS.get(kind, f" [reads {kind}]")
+
+
 def describe_leaders(table: list) -> str:
-    """One sentence: what leads validation accuracy in every seed, by how much, and what lags in every seed."""
+    """One sentence: which measures leave their post-memorisation band before validation accuracy does (the onset
+    lead's interval above 0), by how much, what each reads, and which after (interval below 0)."""
     usable = [t for t in table if t["n"] and not is_trivial(t)]
     if not usable:
-        return "No measure changed enough to time."
+        return "No measure leaves its post-memorisation band."
     n = max(t["seeds"] for t in usable)
 
     def name(t):
-        return f"{measure_label(t['layer'], t['split'], t['measure'])} by {lead_text(t)}"
+        return f"{measure_label(t['layer'], t['split'], t['measure'])}{reads_tag(t['reads'])} by {lead_text(t)}"
 
-    always_lead = [t for t in usable if t["leads"] == t["seeds"] == n]
-    always_lag = [t for t in usable if t["lags"] == t["seeds"] == n]
-    if always_lead:
-        text = (f"Leading validation accuracy's 50% step in all {n} grokked seeds: "
-                + "; ".join(name(t) for t in always_lead[:5]) + (" (and more)" if len(always_lead) > 5 else ""))
+    leaders = [t for t in usable if t["n"] >= 2 and t["lead_lo"] > 0]
+    laggers = [t for t in usable if t["n"] >= 2 and t["lead_hi"] < 0]
+    if leaders:
+        text = (f"Leaving its post-memorisation band before validation accuracy (onset lead, 95% bootstrap interval "
+                f"above 0, over {n} grokked seeds): " + "; ".join(name(t) for t in leaders[:5])
+                + (" (and more)" if len(leaders) > 5 else ""))
     else:
-        text = f"No measure leads validation accuracy in all {n} grokked seeds"
-    if always_lag:
-        text += f"; lagging in all {n}: " + "; ".join(name(t) for t in always_lag[-3:])
+        text = f"No measure's onset leads validation accuracy's with an interval above 0 ({n} grokked seeds)"
+    if laggers:
+        text += "; after it (interval below 0): " + "; ".join(name(t) for t in laggers[-3:])
     return text + "."
 
 
-def lead_text(t: dict) -> str:
-    """'mean ± stderr steps' of a leadlag_table row; a single seed is marked n=1."""
+def lead_text(t: dict, short: bool = False) -> str:
+    """'mean [low, high] steps (k/n seeds)' of a leadlag_table row's onset lead; short: 'mean [low, high]'."""
     if t["n"] == 1:
-        return f"{t['lead_mean']:.0f} steps (n=1)"
-    return f"{t['lead_mean']:.0f} ± {t['lead_stderr']:.0f} steps"
+        return f"{t['lead_mean']:.0f}" + ("" if short else " steps (n=1)")
+    text = f"{t['lead_mean']:.0f} [{t['lead_lo']:.0f}, {t['lead_hi']:.0f}]"
+    return text if short else f"{text} steps ({t['leads']}/{t['n']} seeds)"
 
 
 def phase_values(pairs: list, rows: list, layer: str, metric: str, split: str) -> dict:

@@ -12,13 +12,13 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from lab.analysis import (LEADLAG_HALF_WIDTH, PHASES, SPIKE_BELOW, TAIL_SHARE, describe_grokking, describe_leaders,
-                          describe_spikes, end_state, file_key, format_mean_stderr, is_trivial, largest_changes,
-                          lead_text, leadlag_rows, leadlag_table, load_run, measure_label, measure_rows, pair_metrics,
-                          phase_values, settings_key, spike_rows, warn)
+from lab.analysis import (LEADLAG_COLUMNS, LEADLAG_HALF_WIDTH, PHASES, SPIKE_BELOW, TAIL_SHARE, describe_grokking,
+                          describe_leaders, describe_spikes, end_state, file_key, format_mean_stderr, is_trivial,
+                          largest_changes, lead_text, leadlag_rows, leadlag_table, load_run, measure_label,
+                          measure_rows, pair_metrics, phase_values, reads_tag, settings_key, spike_rows, warn)
 from lab.files import atomic_write, read_json, write_json, write_text
 from lab.progress import final_key_progress_of, summary_row
-from lab import phases
+from lab import earlywarning, onset, phases
 from lab.schema import CHECKPOINTS, LAYERS, MEASURES, METRIC_SPLITS, SWEEP
 
 
@@ -127,20 +127,25 @@ def leadlag_markdown(run: str, op: str, pairs: list, leadlag: list, left_out: li
         return lines + ["No seed grokked: nothing to time.", ""]
     table = leadlag_table(mine)
     lines += [describe_leaders(table), "",
-              "Each measure's t50 is the step at which it completes half of its change between the seed's "
-              "memorisation step (train acc >= 0.99) and the end of training (running median over "
-              f"±{LEADLAG_HALF_WIDTH} steps, made monotone by a running maximum); lead = val accuracy's t50 minus "
-              "the measure's (positive: moves first). Mean ± stderr over seeds; per-seed t10/t50/t90 in leadlag.csv.",
-              "", "| measure | layer | split | lead (steps) | leads in | lags in | t50 - grokking step |",
-              "|---|---|---|---|---|---|---|"]
+              f"A measure's onset is the first measurement after its post-memorisation band (its first {onset.BAND} "
+              f"measurements from memorisation on) that starts {onset.RUN} in a row all above or all below it; "
+              "onset lead = val accuracy's onset minus the measure's (positive: leaves first), mean over seeds with a "
+              "95% bootstrap interval. Onsets do not move under a monotone rescaling of a measure or with the budget. "
+              "Secondary: t50, the step at which it completes half of its change between memorisation and the end "
+              f"(running median over ±{LEADLAG_HALF_WIDTH} steps), t50 lead against val accuracy's t50 (mean ± "
+              "stderr); both depend on the budget and the t50 on the scale. reads: what the measure reads "
+              "(val_labels: a reference, not a predictor). Per seed: leadlag.csv.",
+              "", "| measure | layer | split | reads | onset lead (steps) | leads in | lags in | onset - grokking step "
+              "| t50 lead | t50 - grokking step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         if t["n"]:
-            lines.append(f"| {t['measure']} | {t['layer']} | {t['split']} | {lead_text(t)} | {t['leads']}/{t['n']} | "
-                         f"{t['lags']}/{t['n']} | {t['t50_from_grok']:.0f} |")
+            t50 = "n/a" if not t["t50_n"] else f"{t['t50_lead_mean']:.0f} ± {t['t50_lead_stderr']:.0f}"
+            lines.append(f"| {t['measure']} | {t['layer']} | {t['split']} | {t['reads']} | {lead_text(t)} | "
+                         f"{t['leads']}/{t['n']} | {t['lags']}/{t['n']} | {t['onset_from_grok']:.0f} | {t50} | "
+                         f"{t['t50_from_grok']:.0f} |")
     never = [measure_label(t["layer"], t["split"], t["measure"]) for t in table if not t["n"]]
     if never:
-        lines += ["", "Never change between memorisation and the end (no net change above noise): "
-                  + ", ".join(never) + "."]
+        lines += ["", "Never leave their post-memorisation band: " + ", ".join(never) + "."]
     return lines + [""]
 
 
@@ -161,8 +166,8 @@ def figure_patterns(figures: list) -> list:
     described = {
         "curves": "{train,val}_{loss,acc}_{op}.png: learning curves, one line per run (mean ± stderr, each seed "
                   "thin, grokking steps dotted, spikes after grokking shaded)",
-        "progress": "progress_{run}_{op}.png: every measure's progress aligned on grokking, ordered by lead over "
-                    "val acc (who moves first)",
+        "progress": "progress_{run}_{op}.png: every measure's progress aligned on grokking, ordered by onset lead "
+                    "over val acc (who leaves its post-memorisation band first)",
         "pca": "pca_{run}_{op}_{layer}.png: before/during/after on the class-centroid axes (rings) and plain PCA",
         "tsne": "tsne_{run}_{op}_{layer}.png: t-SNE before/during/after",
         "metrics": "metrics_{run}_{op}_{layer}.png: the representation metrics against step",
@@ -172,8 +177,8 @@ def figure_patterns(figures: list) -> list:
         "proj": "proj_{run}_{op}_{layer}.gif: animation through every snapshot (not for LaTeX)",
         "phase": "phase_map_{run}_{op}.png / phase_stats_{run}_{op}.png: a sweep's phase diagram (each cell's phase) "
                  "and per-cell heatmaps of share grokked, grokking step, delay, final val acc",
-        "earlywarning": "earlywarning_{run}.png: per measure, held-out hit rate on grokking runs and false-alarm "
-                        "rate on runs that never grok, ranked by their difference, with the alarm's lead",
+        "earlywarning": "earlywarning_{run}.png: per measure and baseline, held-out within-cell concordance with "
+                        "time to grokking, J (hit - false-alarm rate) and clock slope, with 95% intervals",
     }
     lines = []
     for kind, names in sorted(kinds.items()):
@@ -200,10 +205,10 @@ def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, f
                 table = [t for t in leadlag_table([r for r in leadlag if r["run"] == run and r["op"] == op])
                          if t["n"] and not is_trivial(t)]
                 n = max((t["seeds"] for t in table), default=0)
-                leaders = [f"{measure_label(t['layer'], t['split'], t['measure'])} {lead_text(t)}"
-                           for t in table if t["leads"] == t["seeds"] == n]
-                laggers = [f"{measure_label(t['layer'], t['split'], t['measure'])} {lead_text(t)}"
-                           for t in reversed(table) if t["lags"] == t["seeds"] == n]
+                leaders = [f"{measure_label(t['layer'], t['split'], t['measure'])}{reads_tag(t['reads'])} {lead_text(t, True)}"
+                           for t in table if t["n"] >= 2 and t["lead_lo"] > 0]
+                laggers = [f"{measure_label(t['layer'], t['split'], t['measure'])}{reads_tag(t['reads'])} {lead_text(t, True)}"
+                           for t in reversed(table) if t["n"] >= 2 and t["lead_hi"] < 0]
                 mine = [k for k in key_rows if k["run"] == run and k["op"] == op]
                 if mine:  # Nanda et al.'s definition, from checkpoints: lab/progress.py
                     head += " Final-model key frequencies: " + describe_final_keys(mine) + "."
@@ -214,21 +219,21 @@ def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, f
     def render(n_changes, n_leaders, n_laggers):
         lines = [NOTES_BEGIN,
                  "Full tables: analysis_summary.md (every metric before/during/after, lead-lag tables), metrics.csv "
-                 "(every value per step), leadlag.csv (t10/t50/t90 and lead per seed and measure), spikes.csv (spikes "
-                 "after grokking per seed). Lead = steps by "
-                 "which a measure's 50% point precedes val accuracy's (memorisation to end of training). A lead in "
-                 "grokking runs is not a prediction: a measure that moves as much in runs that never grok (the weight "
-                 "norm under weight decay does) leads too; a sweep's earlywarning.csv tests each measure against "
-                 "such runs.", ""]
+                 "(every value per step), leadlag.csv (onsets, t50s and leads per seed and measure), spikes.csv. "
+                 "Onset lead = steps by which a measure leaves its post-memorisation band before val acc does, mean "
+                 "[95% bootstrap interval] over grokked seeds. A lead is not a prediction: the weight norm moves as "
+                 "much in runs that never grok, and one marked [reads val labels] reads what it would predict; a "
+                 "sweep's earlywarning.csv and clock.csv test measures against such runs and the configuration.", ""]
         for head, changes, leaders, laggers, n in sections:
             line = head
             if changes[:n_changes]:
                 line += " Last layer before->after: " + "; ".join(changes[:n_changes]) + "."
             if n and n_leaders:
-                line += (f" Leads val acc in all {n} grokked seeds: " + "; ".join(leaders[:n_leaders]) + "."
-                         if leaders else f" Nothing leads val acc in all {n} grokked seeds.")
+                line += (f" Onset leads (steps, interval > 0, {n} seeds): "
+                         + "; ".join(leaders[:n_leaders]) + "." if leaders
+                         else f" No onset leads val acc's with an interval > 0 ({n} seeds).")
             if n and laggers[:n_laggers]:
-                line += f" Lags in all {n}: " + "; ".join(laggers[:n_laggers]) + "."
+                line += " After it: " + "; ".join(laggers[:n_laggers]) + "."
             lines.append(line)
         lines += list(extra)  # sweeps: phases and the early-warning ranking
         lines += ["", "Figures (at the folder root; every one is listed in analysis_summary.md):"]
@@ -275,8 +280,7 @@ def write_spikes(pairs: list, out_dir: str) -> None:
 
 
 def write_leadlag(rows: list, out_dir: str) -> None:
-    columns = ["run", "op", "seed", "measure", "layer", "split", "t10", "t50", "t90", "lead"]
-    write_csv(os.path.join(out_dir, "leadlag.csv"), columns,
+    write_csv(os.path.join(out_dir, "leadlag.csv"), LEADLAG_COLUMNS,
               ({k: "" if v is None else round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
                for r in rows))
 
@@ -393,7 +397,7 @@ def inputs_key(P, settings, pairs: list, *extra) -> str:
 
 def sweep_outputs(P, run: str, name: str, out_dir: str) -> dict:
     """A sweep's phase figures (P.phase_figures per op), early-warning figure, table rows (phases.csv,
-    phase_jobs.csv, earlywarning.csv), summary lines and notes.txt lines."""
+    phase_jobs.csv, earlywarning.csv, clock.csv), summary lines and notes.txt lines."""
     sweep = phases.load_sweep(run, name)
     jobs = phases.job_rows(sweep)
     if not jobs:
@@ -402,19 +406,26 @@ def sweep_outputs(P, run: str, name: str, out_dir: str) -> dict:
     cells = phases.cell_rows(sweep, jobs)
     figures = [f for op in sweep["ops"] for f in P.phase_figures(sweep, op, [c for c in cells if c["op"] == op],
                                                                     out_dir)]
-    table = []
+    markdown, notes = phases.sweep_markdown(sweep, cells), phases.sweep_notes(sweep, cells)
+    table, clock = [], []
     if sweep["seeds"] < 2:
-        warn(f"sweep {run}: early warning needs 2 seeds or more (thresholds are fitted on other seeds); skipped")
+        warn(f"sweep {run}: early warning needs 2 seeds or more (the config lookup reads a cell's other seeds); "
+             "skipped")
     else:
-        table = phases.warning_rows(sweep, phases.warn_runs(sweep))
-        figures += P.earlywarning_figure(name, table, out_dir)
+        runs = earlywarning.sweep_runs(sweep)
+        table = [{"run": name, **t} for t in earlywarning.earlywarning_table(runs)]
+        clock = [{"run": name, **c} for c in earlywarning.clock_table(runs)]
+        counts = earlywarning.tally(runs)
+        figures += P.earlywarning_figure(name, table, clock, counts, out_dir)
+        markdown += earlywarning.markdown(name, table, clock, counts)
+        notes += earlywarning.notes(name, table, clock, counts)
     return {"figures": figures, "fields": sweep["fields"], "phases.csv": cells, "phase_jobs.csv": jobs,
-            "earlywarning.csv": table, "markdown": phases.sweep_markdown(sweep, cells, table),
-            "notes": phases.sweep_notes(sweep, cells, table)}
+            "earlywarning.csv": table, "clock.csv": clock, "markdown": markdown, "notes": notes}
 
 
 def write_sweep_tables(outputs: list, out_dir: str) -> None:
-    """phases.csv (per cell and op), phase_jobs.csv (per job) and earlywarning.csv (per measure), every sweep's."""
+    """phases.csv (per cell and op), phase_jobs.csv (per job), earlywarning.csv (per measure and baseline) and
+    clock.csv (per measure and family), every sweep's."""
     fields = list(dict.fromkeys(f for o in outputs for f in o["fields"]))
     for file, columns in (
             ("phases.csv", ["run", "cell", *fields, "op", "phase", "phases", "n", "grokked", "share_grokked",
@@ -422,7 +433,7 @@ def write_sweep_tables(outputs: list, out_dir: str) -> None:
                             "final_val_acc_stderr"]),
             ("phase_jobs.csv", ["run", "cell", *fields, "op", "seed", "phase", "memorisation_step", "grok_step",
                                 "delay", "half_step", "final_val_acc"]),
-            ("earlywarning.csv", phases.WARNING_COLUMNS)):
+            ("earlywarning.csv", earlywarning.EARLYWARNING_COLUMNS), ("clock.csv", earlywarning.CLOCK_COLUMNS)):
         write_csv(os.path.join(out_dir, file), columns, [r for o in outputs for r in o[file]])
 
 

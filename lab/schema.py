@@ -108,6 +108,40 @@ MODEL_MEASURES = {  # layers model / embedding: metric -> title
     "fourier_topk_frac": "embedding power in top-k freqs",
     "rqi": "RQI of the embedding",
 }
+READS = {  # what a measure reads, the four kinds, and what reads the final model: a predictor reads no validation labels
+    "weights": "the parameters only",
+    "train": "the training pairs and their labels",
+    "inputs": "held-out pairs' inputs, no labels (e.g. the logits over the whole table)",
+    "val_labels": "validation labels",
+    "final_model": "the final model (hindsight)",
+    "unknown": "not declared (a measure a plugin added): treated as reading validation labels",
+    "config": "a baseline's: the configuration and other runs' outcomes, no measurement of this run",
+}
+PREDICTOR_READS = ("weights", "train", "inputs")
+MODEL_READS = {"param_norm": "weights", "logit_norm": "train", "softmax_collapse": "train",
+               "restricted_loss": "val_labels", "excluded_loss": "train", "restricted_loss_final_keys": "final_model",
+               "excluded_loss_final_keys": "final_model", "logit_key_frac": "inputs", "fourier_topk_frac": "weights",
+               "rqi": "weights"}  # the MODEL_MEASURES' kinds: restricted loss is a loss on all pairs, val included
+UNLABELLED_METRICS = ("participation_ratio",)  # representation metrics that read no class labels
+
+
+def reads(layer: str, split: str, metric: str) -> str:
+    """What one measure (a metrics.csv / leadlag.csv row's layer, split, metric) reads: a key of READS.
+    Representation metrics read their split's pairs with labels (split "all": every pair, val included); the
+    learning curves their split; model-level measures MODEL_READS."""
+    if layer == "log":
+        return "train" if split == "train" else "val_labels"
+    if layer in LAYERS and metric in METRIC_SPLITS:
+        if metric in UNLABELLED_METRICS:
+            return "train" if split == "train" else "inputs"
+        return {"train": "train", "val": "val_labels", "all": "val_labels"}.get(split, "unknown")
+    return MODEL_READS.get(metric, "unknown")
+
+
+def is_predictor(kind: str) -> bool:
+    return kind in PREDICTOR_READS
+
+
 LOG_METRICS = {"param_norm": "all", "logit_norm": "train", "softmax_collapse": "train"}  # norms plugin, in log.jsonl
 PLUGIN_FILES = {"fourier": ("topk_frac", "fourier_topk_frac"), "rqi": ("rqi", "rqi")}  # file -> (key, metric)
 LOG_MEASURES = [("train", "loss", "train_loss"), ("val", "loss", "val_loss"), ("train", "acc", "train_acc"),

@@ -257,7 +257,7 @@ def test_notes_block_is_replaced_and_every_other_byte_kept(tmp_path):
 
 
 def test_findings_block_fits_a_prompt_for_six_runs_of_four_ops():
-    from test_leadlag import pair, sigmoid
+    from test_leadlag import pair, sigmoid, wiggle
 
     by_op, rows_by, leadlag, figures = {}, {}, [], []
     for op in E.Config().ops:  # the template's four
@@ -269,7 +269,7 @@ def test_findings_block_fits_a_prompt_for_six_runs_of_four_ops():
                 p.run, p.op = run, op
                 pairs.append(p)
             rows = [{"run": run, "op": op, "seed": p.seed, "layer": layer, "split": "val", "metric": metric,
-                     "step": s, "value": float(sigmoid(s, 2400 + 300 * p.seed + shift))}
+                     "step": s, "value": float(sigmoid(s, 2500 + 300 * p.seed + shift, 100) + wiggle(s))}
                     for p in pairs for layer in ("first", "last") for shift, metric in
                     ((-500, "silhouette"), (-300, "knn_acc"), (200, "davies_bouldin"), (400, "ncc_acc"))
                     for s in range(0, 6001, 100)]
@@ -280,7 +280,7 @@ def test_findings_block_fits_a_prompt_for_six_runs_of_four_ops():
     block = R.findings_block(by_op, {f"run_{r}": f"run_{r}" for r in range(6)}, rows_by, leadlag, figures)
     assert len(block) <= R.NOTES_LIMIT and block.count("\n[") == 24
     assert "analysis_summary.md" in block and "pca_{run}_{op}_{layer}.png" in block
-    assert "Leads val acc in all 3 grokked seeds: silhouette" in block
+    assert "Onset leads (steps, interval > 0, 3 seeds): silhouette (first, val) [reads val labels] 533 [400, 600]" in block
 
 
 def test_snapshots_and_every_output_are_readable_by_the_group(tiny_run):

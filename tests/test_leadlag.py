@@ -32,35 +32,75 @@ def test_a_measure_that_does_not_change_says_so():
     assert A.completion(steps, np.full(len(steps), 2.0), start=400) is None
 
 
+def wiggle(step):
+    """Deterministic noise: +-0.004 in alternate 100-step blocks. Its extremes fall in every band, so noise alone
+    never makes an onset (lab.onset): the onsets here are the jumps'."""
+    return 0.004 if (int(step) // 100) % 2 else -0.004
+
+
 def pair(seed, centre, memorised=400, steps=6000):
     log_steps = np.arange(10, steps + 1, 10)
-    val = 0.01 + 0.99 * sigmoid(log_steps, centre, 100)
+    val = 0.01 + 0.99 * sigmoid(log_steps, centre, 100) + np.array([wiggle(s) for s in log_steps])
     log = [{"step": int(s), "train_acc": 1.0 if s >= memorised else 0.5, "val_acc": float(v),
             "train_loss": 0.01, "val_loss": float(5 - 5 * v)} for s, v in zip(log_steps, val)]
     grok = next((int(s) for s, v in zip(log_steps, val) if v > 0.99), None)
     return A.Pair("run_0", "x_plus_y", seed, "", log, {"step_val_acc_99": grok or steps, "grokked": grok is not None})
 
 
-def test_leads_over_validation_accuracy_are_recovered_across_seeds():
-    pairs = [pair(0, 2500), pair(1, 3000), pair(2, 3500), pair(3, 9000)]  # seed 3 never groks
-    leads = {"early": 400, "late": -300}  # steps by which each measure's jump precedes val accuracy's
+CENTRES = {0: 2500, 1: 3000, 2: 3500, 3: 9000}  # seed 3 never groks
+
+
+def measure_rows(pairs, leads, transform=lambda v: v, last=6000):
+    """Rows of measures that jump `lead` steps before val accuracy (the same shape, width 100), every 100 steps."""
     rows = []
     for p in pairs:
-        centre = {0: 2500, 1: 3000, 2: 3500, 3: 9000}[p.seed]
         for name, lead in leads.items():
-            for step in range(0, 6001, 100):
+            for step in range(0, last + 1, 100):
+                value = 1 + 0.99 * sigmoid(step, CENTRES[p.seed] - lead, 100) + wiggle(step)
                 rows.append({"run": "run_0", "op": "x_plus_y", "seed": p.seed, "layer": "last", "split": "val",
-                             "metric": name, "step": step, "value": float(sigmoid(step, centre - lead))})
-    found, left_out = A.leadlag_rows(pairs, rows)
+                             "metric": name, "step": step, "value": float(transform(value))})
+    return rows
+
+
+def test_leads_over_validation_accuracy_are_recovered_across_seeds():
+    pairs = [pair(seed, centre) for seed, centre in CENTRES.items()]
+    leads = {"early": 400, "late": -300}  # steps by which each measure's jump precedes val accuracy's
+    found, left_out = A.leadlag_rows(pairs, measure_rows(pairs, leads))
     assert left_out == [3]
     for name, lead in leads.items():
         mine = [r for r in found if r["measure"] == name]
-        assert len(mine) == 3 and all(r["lead"] == pytest.approx(lead, abs=25) for r in mine)
+        # onsets fall on the 100-step grid, and the wiggle can hold a jump's start back one 100-step block
+        assert len(mine) == 3 and all(r["onset_lead"] == pytest.approx(lead, abs=200) for r in mine)
+        assert all(r["t50_lead"] == pytest.approx(lead, abs=25) for r in mine)
+        assert all(r["reads"] == "unknown" for r in mine)  # a metric no registry declares
     table = {t["measure"]: t for t in A.leadlag_table(found) if t["layer"] == "last"}
     assert table["early"]["leads"] == 3 and table["late"]["lags"] == 3
-    assert table["early"]["lead_mean"] == pytest.approx(400, abs=25) and table["early"]["lead_stderr"] < 20
+    early = table["early"]
+    assert early["lead_mean"] == pytest.approx(400, abs=100) and early["lead_lo"] <= early["lead_mean"] <= early[
+        "lead_hi"]
+    assert early["lead_lo"] > 0 and table["late"]["lead_hi"] < 0
     sentence = A.describe_leaders(A.leadlag_table(found))
-    assert "early (last, val)" in sentence.split("lagging")[0] and "late (last, val)" in sentence.split("lagging")[1]
+    before, after = sentence.split("after it")
+    assert "early (last, val) [reads: undeclared]" in before and "late (last, val)" in after
+
+
+def test_onset_leads_do_not_move_with_a_rescaling_or_the_budget_and_t50_leads_do():
+    """The reason leads are read at onsets: a log of the measure, or a budget that ends at step 4000 instead of
+    6000, leaves every onset where it was, while the t50 moves (half of a log's change is not half of the
+    change; half of the change to step 4000 is not half of the change to 6000)."""
+    pairs = [pair(seed, CENTRES[seed]) for seed in (0, 1)]
+    leads = {"early": 400}
+    base = {r["seed"]: r for r in A.leadlag_rows(pairs, measure_rows(pairs, leads))[0] if r["measure"] == "early"}
+    logged = {r["seed"]: r for r in A.leadlag_rows(pairs, measure_rows(pairs, leads, np.log))[0]
+              if r["measure"] == "early"}
+    short_pairs = [pair(seed, CENTRES[seed], steps=4000) for seed in (0, 1)]
+    short = {r["seed"]: r for r in A.leadlag_rows(short_pairs, measure_rows(short_pairs, leads, last=4000))[0]
+             if r["measure"] == "early"}
+    for seed in (0, 1):
+        assert logged[seed]["onset"] == short[seed]["onset"] == base[seed]["onset"]
+        assert logged[seed]["onset_lead"] == short[seed]["onset_lead"] == base[seed]["onset_lead"]
+    # a measure on a log scale: t50 moves, and with it the t50 lead
+    assert abs(logged[0]["t50"] - base[0]["t50"]) > 20
 
 
 def test_a_seed_that_ends_inside_a_spike_is_read_up_to_the_spike():
@@ -83,5 +123,5 @@ def test_a_seed_that_ends_inside_a_spike_is_read_up_to_the_spike():
                              "metric": measure, "step": step, "value": value})
         found[name] = {r["measure"]: r for r in A.leadlag_rows([p], rows)[0] if r["layer"] == "last"}
     for measure, lead in leads.items():
-        assert found["spiky"][measure]["lead"] == pytest.approx(lead, abs=25)
+        assert found["spiky"][measure]["t50_lead"] == pytest.approx(lead, abs=25)
         assert found["spiky"][measure]["t50"] == pytest.approx(found["clean"][measure]["t50"], abs=10)

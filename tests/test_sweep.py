@@ -1,17 +1,18 @@
 """Sweeps and phase diagrams: parsing and refusal of bad values, resume of a killed sweep, the phase rule and the
 early-warning arithmetic on synthetic runs whose answers are known, and plot.py on a sweep."""
+import csv
 import json
 import os
 import subprocess
 
-import numpy as np
 import pytest
 
 import experiment as E
 from conftest import TINY, kill_when, read_json, run_script, start_experiment
-from lab import phases
-from lab.phases import WarnRun, cell_phase, cell_row, evaluate, earlywarning_table, job_summary, phase_of_job
+from lab.phases import cell_phase, cell_row, job_summary, phase_of_job
 from lab.analysis import Pair
+from lab.earlywarning import CLOCK_COLUMNS
+from lab.schema import READS
 from lab.plugins import UsageError
 from lab.sweep import cells, parse
 
@@ -123,7 +124,17 @@ def test_plot_draws_the_phase_diagram_of_a_sweep(clean_sweep, tmp_path):
     rows = (tmp_path / "figs" / "phases.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(CELLS) and rows[0].startswith("run,cell,weight_decay,lr,op,phase")
     assert len((tmp_path / "figs" / "phase_jobs.csv").read_text().strip().splitlines()) == 1 + 2 * len(CELLS)
-    assert "sweep over weight_decay=[0.1, 1.0], lr=[0.001, 0.003]" in (tmp_path / "notes.txt").read_text()
+    notes = (tmp_path / "notes.txt").read_text()
+    assert "sweep over weight_decay=[0.1, 1.0], lr=[0.001, 0.003]" in notes
+    # the early-warning tables: every rule with what it reads, the baselines among them; a clock row per family
+    warning = list(csv.DictReader(open(tmp_path / "figs" / "earlywarning.csv")))
+    assert {"config lookup", "fixed delay after memorisation", "memorisation step"} <= {r["measure"] for r in warning}
+    assert all(r["reads"] in READS and r["role"] in ("baseline", "predictor", "reference") for r in warning)
+    assert {r["role"] for r in warning if r["reads"] == "val_labels"} == {"reference"}
+    # this sweep's runs never memorise (40 steps): the clock table has its columns and no rows; its arithmetic is
+    # test_earlywarning.py's
+    assert (tmp_path / "figs" / "clock.csv").read_text().strip() == ",".join(CLOCK_COLUMNS)
+    assert "Early warning, " in notes and "config lookup" in notes
 
 
 # ----------------------------------------------------------------------------- the arithmetic, on known answers
@@ -144,51 +155,6 @@ def test_the_phase_rule():
     assert row["grokked"] == 2 and row["share_grokked"] == pytest.approx(2 / 3) and row["phase"] == "grok"
     assert row["grok_step_mean"] == 1600 and row["grok_step_stderr"] == pytest.approx(100)
     assert row["phases"] == "memorise:1 grok:2"
-
-
-def synthetic_runs(rng):
-    """Per seed, 2 runs that grok (val acc's 50% at 2000 or 2600) and 2 that memorise only; memorisation at 300.
-    Three measures: `always` falls steadily in every run; `never` stays flat; `before` drops 400 steps before val
-    accuracy's half-way point in grokking runs and stays flat in the others."""
-    steps = np.arange(0, 4001, 100, dtype=float)
-    runs = []
-    for seed in range(3):
-        for i, half in enumerate((2000, 2600, None, None)):
-            noise = rng.normal(0, 1e-3, (3, len(steps)))
-            series = {("model", "all", "always"): (steps, 10 - steps / 1000 + noise[0]),
-                      ("model", "all", "never"): (steps, np.full_like(steps, 5.0)),
-                      ("model", "all", "before"): (steps, np.where(steps >= (half or 1e9) - 400, 1.0, 3.0) + noise[2])}
-            runs.append(WarnRun(seed, "grok" if half else "memorise", 300, half, half and half + 200, series,
-                                f"seed {seed} run {i}"))
-    return runs
-
-
-def test_early_warning_on_measures_with_known_answers():
-    runs = synthetic_runs(np.random.default_rng(0))
-    always, never, before = (evaluate(runs, ("model", "all", k)) for k in ("always", "never", "before"))
-    assert (always["hit_rate"], always["false_alarm_rate"]) == (1.0, 1.0) and always["score"] == 0
-    assert (never["hit_rate"], never["false_alarm_rate"], never["score"]) == (0.0, 0.0, 0.0)
-    assert never["lead_mean"] is None
-    assert (before["hit_rate"], before["false_alarm_rate"], before["score"]) == (1.0, 0.0, 1.0)
-    assert before["lead_mean"] == 400 and before["direction"] == "down/down/down"
-    assert (before["grok_runs"], before["never_runs"], before["held_out_seeds"]) == (6, 6, "0,1,2")
-    halfway = WarnRun(0, "memorise", 300, 1500, None, runs[0].series, "past val acc 0.5, never 0.99")
-    assert evaluate([*runs, halfway], ("model", "all", "always"))["never_runs"] == 6  # neither side: left out
-    table = earlywarning_table(runs, [("model", "all", k) for k in ("always", "never", "before")])
-    assert table[0]["key"][2] == "before"
-
-
-def test_early_warning_thresholds_come_from_the_other_seeds():
-    """A measure that drops before grokking only in seed 0's runs: seed 0 is judged with seeds 1 and 2's fit,
-    in which the measure never changes, so it raises no alarm there; nothing fitted on seed 0 helps seed 0."""
-    runs = synthetic_runs(np.random.default_rng(1))
-    for run in runs:
-        steps, values = run.series[("model", "all", "before")]
-        if run.seed != 0:
-            run.series[("model", "all", "before")] = (steps, np.full_like(values, 3.0))
-    result = evaluate(runs, ("model", "all", "before"))
-    assert result["hit_rate"] == 0 and result["level"].startswith("-/")
-    assert phases.fit([r for r in runs if r.seed == 0], ("model", "all", "before")) is not None
 
 
 def test_an_agent_sets_a_sweep_as_the_default_and_the_harness_reads_it(tmp_path):

@@ -1,0 +1,74 @@
+"""The statistics the early-warning and lead-lag analyses report: Wilson intervals, a seeded bootstrap over groups,
+Harrell's concordance with censoring, stratified, and a slope with group fixed effects. NumPy only; definitions in
+docs/analysis.md ("Early warning").
+"""
+
+import math
+
+import numpy as np
+
+Z95 = 1.959963984540054  # the normal 0.975 quantile
+BOOTSTRAP = 2000  # resamples behind every bootstrap interval
+BOOTSTRAP_SEED = 0  # intervals are the same on every run of the same inputs
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple:
+    """(low, high) of the Wilson score interval for k successes in n trials; (nan, nan) when n is 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap(groups: list, statistic, n: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> tuple:
+    """(low, high): the 2.5% and 97.5% percentiles of statistic(resample) over n resamples of the groups with
+    replacement (a resample keeps len(groups) of them); resamples where the statistic is nan are dropped. (nan, nan)
+    when fewer than 2 groups or no resample gives a number."""
+    if len(groups) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(groups), size=(n, len(groups)))
+    values = np.array([statistic([groups[i] for i in pick]) for pick in picks], dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def concordance_counts(times, events, scores) -> tuple:
+    """(concordant, comparable) of Harrell's C over one stratum. A pair is comparable when the run with the shorter
+    time had its event (the other may be censored later); concordant when that run has the higher score (higher:
+    sooner), half when the scores tie. Runs whose score is nan are left out."""
+    times, events, scores = (np.asarray(a, dtype=float) for a in (times, events, scores))
+    keep = np.isfinite(scores) & np.isfinite(times)
+    times, events, scores = times[keep], events[keep].astype(bool), scores[keep]
+    earlier = (times[:, None] < times[None, :]) & events[:, None]  # i's event precedes j's time
+    higher = scores[:, None] > scores[None, :]
+    ties = scores[:, None] == scores[None, :]
+    return float((earlier & higher).sum() + 0.5 * (earlier & ties).sum()), float(earlier.sum())
+
+
+def concordance(strata: list) -> float:
+    """Stratified Harrell's C: summed concordant over summed comparable pairs of [(concordant, comparable), ...];
+    nan when no pair is comparable. Pairs are only ever formed within a stratum."""
+    comparable = sum(c for _, c in strata)
+    return sum(k for k, _ in strata) / comparable if comparable else float("nan")
+
+
+def fixed_effects_slope(groups: list) -> float:
+    """OLS slope of y on x with one intercept per group: [(x array, y array), ...], each demeaned within its group;
+    nan when x does not vary within any group."""
+    xs, ys = [], []
+    for x, y in groups:
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if len(x) >= 2:
+            xs.append(x - x.mean())
+            ys.append(y - y.mean())
+    if not xs:
+        return float("nan")
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    spread = float((x * x).sum())
+    return float((x * y).sum() / spread) if spread > 0 else float("nan")
