@@ -83,6 +83,13 @@ def test_bootstrap_is_seeded_and_brackets_the_statistic():
     assert all(math.isnan(x) for x in stats.bootstrap(groups[:1], ratio))
 
 
+def test_a_bootstrap_interval_is_95_percent_wide():
+    """The mean of 400 standard normals: the 95% interval is about +-1.96 / 20 = +-0.098 around it."""
+    values = np.random.default_rng(16).standard_normal(400)
+    low, high = stats.bootstrap(list(values), np.mean)
+    assert 0.16 < high - low < 0.24 and low < values.mean() < high
+
+
 def test_fixed_effects_slope_removes_each_groups_level():
     x1, x2 = np.array([1.0, 2, 3]), np.array([1.0, 2, 3])
     assert stats.fixed_effects_slope([(x1, 2 * x1), (x2, 2 * x2 + 100)]) == pytest.approx(2)
@@ -158,6 +165,14 @@ def test_the_level_one_alarm_is_the_onset_read_when_it_is_known():
 
 
 # ----------------------------------------------------------------------------- outcomes
+def test_an_alarm_needs_the_deviation_strictly_above_its_level():
+    grid = np.arange(MEM, MEM + 3001, STEP, dtype=float)
+    values = np.array([0.0, 2.0] * 4 + [3.0] * (len(grid) - 8))  # band [0, 2]: midpoint 1, half-width 1; then z = 2
+    run = W.WarnRun("x_plus_y", "a", 0, MEM, None, None, int(grid[-1]), grid, {("model", "all", "m"): values})
+    assert run.alarm(("model", "all", "m"), 1, 2) is None
+    assert run.alarm(("model", "all", "m"), 1, 1.99) == 800 + (onset.RUN - 1) * STEP
+
+
 def test_outcomes_positive_negative_censored_and_excluded():
     rng = np.random.default_rng(6)
     horizon = 2000
@@ -241,6 +256,44 @@ def test_a_measure_that_copies_the_time_to_grokking_scores_c_1_within_cells():
     for run in runs:
         run.series[("model", "all", "oracle")] = -run.series[("model", "all", "oracle")]
     assert rows_by_name(runs)["oracle"][f"c_{W.PRIMARY}"] == pytest.approx(1.0)
+
+
+def oracle_cells(rng, signs: dict, offsets: dict = None):
+    """Per cell, 5 seeds reaching val acc 0.5 at 1500 + 300 * seed (+ the cell's offset), and a measure equal to
+    sign * the time to 0.5 plus the cell's offset (constant in each run)."""
+    runs = []
+    for cell, sign in signs.items():
+        shift = (offsets or {}).get(cell, 0)
+        for seed in range(5):
+            t50 = 1500 + 300 * seed + shift
+            runs.append(make_run(rng, cell=cell, seed=seed, t50=t50, budget=5000,
+                                 measures={"oracle": lambda s, v=sign * t50 + shift * 10: np.full_like(s, float(v))}))
+    return runs
+
+
+def test_the_concordance_is_stratified_by_cell():
+    """Within each cell the measure orders the runs perfectly (higher: sooner); across cells it orders them
+    backwards (the later cell scores higher). Stratified, C is 1."""
+    runs = oracle_cells(np.random.default_rng(17), {"a": -1, "b": -1, "c": -1}, {"a": 0, "b": 600, "c": 1200})
+    assert rows_by_name(runs)["oracle"][f"c_{W.PRIMARY}"] == pytest.approx(1.0)
+
+
+def test_a_cells_direction_in_the_concordance_comes_from_the_other_cells():
+    """In cell a, higher means later; in b, c and d, sooner. Cell a, judged in the other cells' direction, scores 0;
+    each of the others, judged in the direction of the majority of the rest, 1: 0.75 pooled (equal pairs)."""
+    runs = oracle_cells(np.random.default_rng(18), {"a": 1, "b": -1, "c": -1, "d": -1})
+    assert rows_by_name(runs)["oracle"][f"c_{W.PRIMARY}"] == pytest.approx(0.75)
+
+
+def test_the_config_lookup_reads_the_other_seeds_only():
+    """One cell of 3 seeds, 2 reaching val acc 0.5: each positive's peers are 1 of 2 positive (not more than half:
+    no alarm), the negative's 2 of 2 (a false alarm). Reading its own outcome, a positive would see 2 of 3."""
+    rng = np.random.default_rng(19)
+    runs = [make_run(rng, cell="a", seed=s, t50=t, budget=5000) for s, t in enumerate((1500, 1800, None))]
+    runs += [make_run(rng, cell="b", seed=s, t50=None, budget=5000) for s in range(3)]
+    runs += [make_run(rng, cell="c", seed=s, t50=2000, budget=5000) for s in range(3)]  # sets cell a's horizon
+    config = rows_by_name(runs)["config_lookup"]
+    assert (config["hits"], config["positives"], config["false_alarms"], config["negatives"]) == (3, 5, 1, 4)
 
 
 def test_the_concordance_counts_only_runs_not_yet_half_way_at_the_offset():

@@ -84,6 +84,14 @@ def test_leads_over_validation_accuracy_are_recovered_across_seeds():
     assert "early (last, val) [reads: undeclared]" in before and "late (last, val)" in after
 
 
+def test_a_leader_is_named_by_its_interval_not_its_mean():
+    row = {"layer": "last", "split": "train", "seeds": 3, "n": 3, "leads": 2, "lags": 1, "reads": "train"}
+    table = [{**row, "measure": "sure", "lead_mean": 300.0, "lead_lo": 100.0, "lead_hi": 500.0},
+             {**row, "measure": "unsure", "lead_mean": 300.0, "lead_lo": -200.0, "lead_hi": 700.0}]
+    sentence = A.describe_leaders(table)
+    assert "sure (last, train) by 300 [100, 500]" in sentence and "unsure" not in sentence
+
+
 def test_onset_leads_do_not_move_with_a_rescaling_or_the_budget_and_t50_leads_do():
     """The reason leads are read at onsets: a log of the measure, or a budget that ends at step 4000 instead of
     6000, leaves every onset where it was, while the t50 moves (half of a log's change is not half of the
