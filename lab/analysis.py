@@ -506,8 +506,11 @@ def leadlag_rows(pairs: list, rows: list) -> tuple[list, list]:
         series = measure_series(pair, mine)
         end = leadlag_end(pair)
         reference = completion(*series[("log", "val", "acc")], pair.memorisation_step, end=end)
-        started = onsets(series, measurement_grid(pair, mine, pair.memorisation_step))
+        grid = measurement_grid(pair, mine, pair.memorisation_step)
+        started = onsets(series, grid)
         val_onset = started.get(("log", "val", "acc"))
+        band_end = float(grid[onset.BAND - 1]) if len(grid) >= onset.BAND else None
+        half = next((r["step"] for r in pair.log if r["val_acc"] >= 0.5), None)
         if reference is None and val_onset is None:
             left_out.append(pair.seed)
             continue
@@ -523,12 +526,13 @@ def leadlag_rows(pairs: list, rows: list) -> tuple[list, list]:
                         "onset_lead": None if began is None or val_onset is None else val_onset[0] - began[0],
                         "t10": times[0], "t50": times[1], "t90": times[2],
                         "t50_lead": None if found is None or val_t50 is None else val_t50 - times[1],
-                        "grok_step": pair.grok_step, "memorisation_step": pair.memorisation_step})
+                        "grok_step": pair.grok_step, "memorisation_step": pair.memorisation_step,
+                        "band_end": band_end, "half_step": half})
     return out, left_out
 
 
 LEADLAG_COLUMNS = ["run", "op", "seed", "measure", "layer", "split", "reads", "onset", "onset_side", "onset_lead",
-                   "t10", "t50", "t90", "t50_lead"]
+                   "t10", "t50", "t90", "t50_lead", "memorisation_step", "band_end", "half_step", "grok_step"]
 
 
 def leadlag_table(rows: list) -> list:
@@ -545,14 +549,14 @@ def leadlag_table(rows: list) -> list:
         t50_leads = np.array([r["t50_lead"] for r in found if r["t50_lead"] is not None], dtype=float)
         mean, err = mean_stderr(t50_leads[:, None]) if len(t50_leads) else (np.array([np.nan]), np.array([np.nan]))
         relative = [r["onset"] - r["grok_step"] for r in found if r["onset"] is not None]
+        t50s = [r["t50"] - r["grok_step"] for r in found if r["t50"] is not None]
         table.append({"layer": layer, "split": split, "measure": measure, "reads": reads(layer, split, measure),
                       "n": len(leads), "seeds": len(found),
                       "lead_mean": float(leads.mean()) if len(leads) else float("nan"), "lead_lo": low,
                       "lead_hi": high, "leads": int((leads > 0).sum()), "lags": int((leads < 0).sum()),
                       "onset_from_grok": float(np.mean(relative)) if relative else float("nan"),
                       "t50_n": len(t50_leads), "t50_lead_mean": float(mean[0]), "t50_lead_stderr": float(err[0]),
-                      "t50_from_grok": float(np.mean([r["t50"] - r["grok_step"] for r in found if r["t50"] is not None]))
-                      if any(r["t50"] is not None for r in found) else float("nan")})
+                      "t50_from_grok": float(np.mean(t50s)) if t50s else float("nan")})
     return sorted(table, key=lambda t: (t["n"] == 0, -t["lead_mean"] if t["n"] else 0, t["measure"]))
 
 

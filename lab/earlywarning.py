@@ -4,8 +4,8 @@ and why each choice, in docs/analysis.md ("Early warning", "The clock test").
 
 Every run of a sweep that memorised is read on its measurement grid from memorisation on (lab.onset). Its outcome
 for the alarms: *positive* when val accuracy reaches 0.5 within the budget (whether or not it then passes 0.99),
-*negative* when it never does, its val accuracy ends no higher than its post-memorisation band (not on its way up)
-and it was watched at least the horizon; *censored* otherwise (rising at the budget, or watched too briefly);
+*negative* when it never does, its val accuracy ends no higher than 3x chance (not on its way up) and it was
+watched at least the horizon; *censored* otherwise (rising at the budget, or watched too briefly);
 *excluded* when val accuracy reached 0.5 inside the band (nothing is left to warn of). An alarm is a hit in a
 positive run when it comes before val accuracy's 50% step, a false alarm in a negative run when it comes within the
 horizon (the longest memorisation-to-50% time of the positive runs it was fitted on).
@@ -47,7 +47,7 @@ class WarnRun:
     last_step: int
     grid: np.ndarray  # measurement steps at or after memorisation
     series: dict  # (layer, split, metric) -> values on the grid
-    rising: bool = False  # val accuracy ends above its post-memorisation band
+    rising: bool = False  # val accuracy ends (median over the last 10% of evaluations) above CHANCE_TIMES x chance
     chance: float | None = None  # 1 / classes
     config: dict = field(default_factory=dict)  # the cell's values (train_frac, weight_decay, lr)
     _alarms: dict = field(default_factory=dict, repr=False)
@@ -119,10 +119,8 @@ def warn_run(pair, cell: str, config: dict, chance) -> WarnRun | None:
     series = {k: onset.grid_values(steps, values, grid) for k, (steps, values) in measure_series(pair, rows).items()
               if k != ("log", "train", "acc")}
     half = next((r["step"] for r in pair.log if r["val_acc"] >= HALF), None)
-    val = series.get(("log", "val", "acc"))
-    tail = [r["val_acc"] for r in pair.log[-max(1, len(pair.log) // 10):]]
-    found = onset.band(val) if val is not None else None
-    rising = bool(found is not None and float(np.median(tail)) > found[1])
+    tail = float(np.median([r["val_acc"] for r in pair.log[-max(1, len(pair.log) // 10):]]))
+    rising = chance is not None and tail > CHANCE_TIMES * chance
     return WarnRun(pair.op, cell, pair.seed, mem, half, pair.grok_step, pair.log[-1]["step"], grid, series,
                    rising, chance, config)
 
@@ -583,7 +581,8 @@ def markdown(sweep_run: str, table: list, clock: list, counts: dict) -> list:
                      f" | {interval(t['J_op'], t['J_op_lo'], t['J_op_hi'])} | "
                      f"{interval(t['hit_rate'], t['hit_lo'], t['hit_hi'], '{:.0%}')} ({t['hits']}/{t['positives']}) | "
                      f"{interval(t['false_alarm_rate'], t['false_alarm_lo'], t['false_alarm_hi'], '{:.0%}')} "
-                     f"({t['false_alarms']}/{t['negatives']}) | {interval(t['lead'], t['lead_lo'], t['lead_hi'], '{:.0f}')} |")
+                     f"({t['false_alarms']}/{t['negatives']}) | "
+                     f"{interval(t['lead'], t['lead_lo'], t['lead_hi'], '{:.0f}')} |")
     lines.append("")
     if clock:
         lines += ["### Onsets and the clock test", "",
@@ -617,7 +616,8 @@ def notes(sweep_run: str, table: list, clock: list, counts: dict) -> list:
              f"C{PRIMARY} = within-cell concordance with time to grokking, 0.5 = what the config alone gives."]
     config = base.get("config_lookup")
     if config:
-        lines.append(f"Baseline, no measurement: {config['measure']}: J {interval(config['J'], config['J_lo'], config['J_hi'])}"
+        j = interval(config["J"], config["J_lo"], config["J_hi"])
+        lines.append(f"Baseline, no measurement: {config['measure']}: J {j}"
                      f" (hits {config['hits']}/{config['positives']}, false alarms {config['false_alarms']}/"
                      f"{config['negatives']}), C{PRIMARY} 0.5 by construction.")
     predictors = _best(table, "predictor", 3)

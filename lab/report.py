@@ -81,8 +81,9 @@ def summary_markdown(by_op: dict, run_names: dict, rows_by: dict, figures: list,
     lines += [f"- `{os.path.basename(path)}`: {text}" for path, text in figures]
     lines += ["- `metrics.csv` / `metrics.parquet`: every metric value, one row per "
               "(run, op, seed, layer, step, split, metric).",
-              "- `leadlag.csv`: per grokked seed and measure, the steps t10/t50/t90 at which it completes 10/50/90% "
-              "of its change after memorisation, and its lead over val accuracy's t50.",
+              "- `leadlag.csv`: per grokked seed and measure, what it reads, its onset (the first step it leaves its "
+              "post-memorisation band) and onset lead over val accuracy's, and the steps t10/t50/t90 at which it "
+              "completes 10/50/90% of its change after memorisation, with the t50 lead.",
               f"- `spikes.csv`: per grokked seed, its spikes after grokking (train or val acc < {SPIKE_BELOW} at an "
               "evaluation after the grokking step; consecutive evaluations are one spike), their first steps, the "
               f"lowest accuracies, whether the run ends inside one, the final val acc and its median over the last "
@@ -146,6 +147,11 @@ def leadlag_markdown(run: str, op: str, pairs: list, leadlag: list, left_out: li
     never = [measure_label(t["layer"], t["split"], t["measure"]) for t in table if not t["n"]]
     if never:
         lines += ["", "Never leave their post-memorisation band: " + ", ".join(never) + "."]
+    early = sorted({r["seed"] for r in mine if r["band_end"] is not None and r["half_step"] is not None
+                    and r["half_step"] <= r["band_end"]})
+    if early:
+        lines += ["", f"Seed(s) {', '.join(map(str, early))}: val accuracy reached 0.5 inside the post-memorisation "
+                  "band (no plateau to leave): their onsets time the rest of the rise, not its start."]
     return lines + [""]
 
 
@@ -205,10 +211,12 @@ def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, f
                 table = [t for t in leadlag_table([r for r in leadlag if r["run"] == run and r["op"] == op])
                          if t["n"] and not is_trivial(t)]
                 n = max((t["seeds"] for t in table), default=0)
-                leaders = [f"{measure_label(t['layer'], t['split'], t['measure'])}{reads_tag(t['reads'])} {lead_text(t, True)}"
-                           for t in table if t["n"] >= 2 and t["lead_lo"] > 0]
-                laggers = [f"{measure_label(t['layer'], t['split'], t['measure'])}{reads_tag(t['reads'])} {lead_text(t, True)}"
-                           for t in reversed(table) if t["n"] >= 2 and t["lead_hi"] < 0]
+                def named(t):
+                    label = measure_label(t["layer"], t["split"], t["measure"])
+                    return f"{label}{reads_tag(t['reads'])} {lead_text(t, True)}"
+
+                leaders = [named(t) for t in table if t["n"] >= 2 and t["lead_lo"] > 0]
+                laggers = [named(t) for t in reversed(table) if t["n"] >= 2 and t["lead_hi"] < 0]
                 mine = [k for k in key_rows if k["run"] == run and k["op"] == op]
                 if mine:  # Nanda et al.'s definition, from checkpoints: lab/progress.py
                     head += " Final-model key frequencies: " + describe_final_keys(mine) + "."

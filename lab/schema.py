@@ -108,7 +108,7 @@ MODEL_MEASURES = {  # layers model / embedding: metric -> title
     "fourier_topk_frac": "embedding power in top-k freqs",
     "rqi": "RQI of the embedding",
 }
-READS = {  # what a measure reads, the four kinds, and what reads the final model: a predictor reads no validation labels
+READS = {  # what a measure reads (and a baseline): a predictor reads no validation labels
     "weights": "the parameters only",
     "train": "the training pairs and their labels",
     "inputs": "held-out pairs' inputs, no labels (e.g. the logits over the whole table)",

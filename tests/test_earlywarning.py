@@ -7,7 +7,7 @@ import pytest
 
 from lab import earlywarning as W
 from lab import onset, stats
-from lab.analysis import measure_label
+from lab.analysis import Pair, measure_label
 from lab.schema import LAYERS, LOG_MEASURES, METRIC_SPLITS, MODEL_MEASURES, READS, reads
 
 MEM = 200
@@ -232,7 +232,8 @@ def test_known_answers_copy_clock_flat_and_the_config_lookup():
     assert rows["fixed_delay"]["J"] <= 0
     # val accuracy jumps from chance to 1 at once here: above 3x chance only after its 0.5, no warning
     chance = rows["val_acc_3x_chance"]
-    assert (chance["role"], chance["reads"], chance["hits"], chance["false_alarms"]) == ("reference", "val_labels", 0, 0)
+    assert (chance["role"], chance["reads"], chance["hits"], chance["false_alarms"]) == (
+        "reference", "val_labels", 0, 0)
     assert (copy["role"], copy["reads"]) == ("reference", "unknown")  # a measure no registry declares
     assert rows["acc"]["role"] == "reference" and rows["acc"]["reads"] == "val_labels"
 
@@ -349,7 +350,8 @@ def test_leave_one_cell_out_changes_the_answer_when_a_cell_is_its_own_kind():
         for seed in range(4):
             t50 = 1800 + 200 * seed if sign else None
             runs.append(make_run(rng, cell=cell, seed=seed, t50=t50, budget=5000,
-                                 measures={"own": lambda s, t=t50, g=sign: np.where(s >= (t or 1e9) - 700, g * JUMP, 0.0)}))
+                                 measures={"own": lambda s, t=t50, g=sign: np.where(s >= (t or 1e9) - 700, g * JUMP,
+                                                                                   0.0)}))
     held = W.evaluate(W.Measure(("model", "all", "own")), runs)
     assert held["hit_rate"] == 0.0
     rule = W.Measure(("model", "all", "own"))
@@ -400,3 +402,17 @@ def test_every_registered_measure_declares_what_it_reads():
     assert reads("last", "all", "within_class_var") == "val_labels"  # labels of every pair, val included
     assert reads("model", "all", "a_plugins_own") == "unknown" and W.role("unknown") == "reference"
     assert W.role("val_labels") == "reference" and W.role("weights") == "predictor"
+
+
+def test_a_job_read_from_its_log_is_censored_only_when_it_ends_above_3x_chance():
+    """warn_run on a job's log: val accuracy that never reaches 0.5 but ends at 0.2 (above 3 / 31) is rising, one
+    that dips after memorisation and wanders at chance is not, though it ends above its post-memorisation band."""
+    def job(final):
+        log = [{"step": s, "train_acc": 1.0 if s >= 300 else 0.5, "train_loss": 0.01, "val_loss": 4.0,
+                "val_acc": 0.03 if s < 300 else 0.003 if s < 1000 else final} for s in range(10, 5001, 10)]
+        return Pair("run_0", "x_minus_y", 0, "", log, {"step_val_acc_99": 5000, "grokked": False})
+
+    wandering, rising = (W.warn_run(job(final), "a", {}, chance=1 / 31) for final in (0.02, 0.2))
+    assert not wandering.rising and rising.rising and wandering.half_step is None
+    assert wandering.memorisation_step == wandering.grid[0] == 300 and wandering.grid[1] - wandering.grid[0] == 100
+    assert wandering.status(2000) == "negative" and rising.status(2000) == "censored"
