@@ -714,6 +714,9 @@ def earlywarning_figure(run: str, table: list, clock: list, counts: dict, out_di
     axes[1].scatter([t["J_op"] for t in rows], y, facecolors="none", edgecolors="grey", s=18,
                     label="fitted on the other op")
     axes[1].axvline(0, color="grey", linestyle="--", linewidth=0.8)
+    config = [t for t in rows if t["metric"] == "config_lookup" and np.isfinite(t["J"])]
+    if config:  # the bar a measure must clear: alarms from the other seeds of the cell, no measurement
+        axes[1].axvline(config[0]["J"], color="black", linestyle=":", linewidth=1, label="config lookup's J")
     axes[1].set_xlabel("J = hit rate - false-alarm rate\n(thresholds fitted on the other cells)")
     axes[1].legend(fontsize=7, loc="lower right")
     value = np.array([slopes[t["measure"]]["slope"] if t["measure"] in slopes else np.nan for t in rows])

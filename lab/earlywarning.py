@@ -24,7 +24,7 @@ import numpy as np
 
 from lab import onset, stats
 from lab.analysis import measure_label, measure_rows, measure_series, measurement_grid, read_examples
-from lab.schema import READS, is_predictor, reads
+from lab.schema import is_predictor, reads
 
 HALF = 0.5  # val accuracy's half-way mark: the event an alarm must precede
 LEVELS = (1, 1.5, 2, 3, 5, 8, 13, 20, 30, 50, 100)  # alarm levels, in band half-widths
@@ -558,10 +558,6 @@ def rule_text(t: dict) -> str:
     return f"{t['measure']} (reads {t['reads']}): C{PRIMARY} {c}{alarms}"
 
 
-def _best(table: list, role_: str, k: int) -> list:
-    return [t for t in table if t["role"] == role_ and not math.isnan(t[f"c_{PRIMARY}"])][:k]
-
-
 def markdown(sweep_run: str, table: list, clock: list, counts: dict) -> list:
     """The early-warning section of a sweep in analysis_summary.md."""
     lines = [f"### Early warning ({counts['positive']} runs that reach val acc {HALF}, {counts['negative']} that never "
@@ -605,35 +601,50 @@ def markdown(sweep_run: str, table: list, clock: list, counts: dict) -> list:
     return lines
 
 
+def _names(names: list, k: int = 6) -> str:
+    return "none" if not names else ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _finite(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
 def notes(sweep_run: str, table: list, clock: list, counts: dict) -> list:
-    """The early-warning lines of a sweep in the notes.txt block: baselines, the best predictors, the best
-    references, and which measures the clock test calls clocks."""
+    """The early-warning lines of a sweep in the notes.txt block, as a paper would need them: the run counts, the
+    baselines, the verdict against them, the best predictors and references with intervals, the clock test."""
     if not table:
         return []
-    base = {t["metric"]: t for t in table if t["role"] == "baseline"}
+    by_metric = {t["metric"]: t for t in table if t["layer"] == "baseline"}
+    config = by_metric.get("config_lookup")
     lines = [f"Early warning, {sweep_run} ({counts['positive']} runs reaching val acc {HALF}, {counts['negative']} "
-             f"never, {counts['censored']} censored; held out by cell; 95% intervals; earlywarning.csv): "
-             f"C{PRIMARY} = within-cell concordance with time to grokking, 0.5 = what the config alone gives."]
-    config = base.get("config_lookup")
+             f"never (at chance at the budget), {counts['censored']} censored; everything fitted leaving one cell "
+             f"out; 95% intervals; earlywarning.csv): C{PRIMARY} = concordance within (op, cell) of a measure's value "
+             f"{PRIMARY} steps after memorisation with the time to grokking; 0.5 is what the configuration alone gives."]
     if config:
-        j = interval(config["J"], config["J_lo"], config["J_hi"])
-        lines.append(f"Baseline, no measurement: {config['measure']}: J {j}"
-                     f" (hits {config['hits']}/{config['positives']}, false alarms {config['false_alarms']}/"
-                     f"{config['negatives']}), C{PRIMARY} 0.5 by construction.")
-    predictors = _best(table, "predictor", 3)
-    lines.append("Best predictors (read no validation labels): " + ("; ".join(rule_text(t) for t in predictors)
-                                                                    if predictors else "none") + ".")
-    references = _best(table, "reference", 2)
+        lines.append(f"Baseline that reads no measurement, {config['measure']} (alarm at memorisation when most "
+                     f"other seeds of the cell grokked): J {interval(config['J'], config['J_lo'], config['J_hi'])} "
+                     f"(hits {config['hits']}/{config['positives']}, false alarms {config['false_alarms']}/"
+                     f"{config['negatives']}); C{PRIMARY} 0.5 by construction.")
+    predictors = [t for t in table if t["role"] == "predictor" and _finite(t[f"c_{PRIMARY}"])]
+    beyond = [t["measure"] for t in predictors if _finite(t[f"c_{PRIMARY}_lo"]) and t[f"c_{PRIMARY}_lo"] > 0.5]
+    better = [t["measure"] for t in predictors if config and _finite(t["J_lo"]) and _finite(config["J"])
+              and t["J_lo"] > config["J"]]
+    lines.append(f"Beyond the configuration: predictors (read no validation labels) with C{PRIMARY}'s interval above "
+                 f"0.5: {_names(beyond)}; with J's interval above the config lookup's J: {_names(better)}.")
+    if predictors:
+        lines.append("Best predictors: " + "; ".join(rule_text(t) for t in predictors[:3]) + ".")
+    references = [t for t in table if t["role"] == "reference" and _finite(t[f"c_{PRIMARY}"])][:2]
+    chance = by_metric.get("val_acc_3x_chance")
     if references:
-        lines.append("References (read validation labels, not predictors): "
-                     + "; ".join(rule_text(t) for t in references) + ".")
-    clocks = sorted({c["measure"] for c in clock if c["verdict"] == "clock" and c["family"] == next(iter(FAMILIES))})
-    coupled = sorted({c["measure"] for c in clock if c["verdict"] == "coupled" and c["family"] == next(iter(FAMILIES))})
-    if clocks or coupled:
-        lines.append(f"Clock test ({next(iter(FAMILIES))}; clock.csv): onsets move with val accuracy's: "
-                     + (", ".join(coupled[:6]) or "none") + "; do not (clocks): " + (", ".join(clocks[:6]) or "none")
-                     + ".")
+        lines.append("References (read validation labels: not predictors): " + "; ".join(
+            rule_text(t) for t in references) + (f"; beside the trivial {rule_text(chance)}" if chance else "") + ".")
+    family = next(iter(FAMILIES))
+    verdicts = {v: sorted({c["measure"] for c in clock if c["verdict"] == v and c["family"] == family})
+                for v in ("coupled", "clock")}
+    if any(verdicts.values()):
+        lines.append(f"Clock test ({family}; clock.csv): onsets that move with val accuracy's (slope's interval above "
+                     f"0): {', '.join(verdicts['coupled'][:8]) or 'none'}; clocks (interval below 1, not above 0): "
+                     f"{', '.join(verdicts['clock'][:8]) or 'none'}.")
     return lines
 
 
-READS_TEXT = "; ".join(f"{k}: {v}" for k, v in READS.items())
