@@ -524,8 +524,8 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
     mesh = ax.imshow(image, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
                      extent=(grid[0], grid[-1], len(table) - 0.5, -0.5))
     ax.axvline(0, color="white", linestyle="--", linewidth=1)
-    ax.scatter([t["onset_from_grok"] for t in table], range(len(table)), marker="o", color="white", s=12,
-               label="mean onset (leaves its post-memorisation band)")
+    ax.scatter([t["onset_from_grok"] for t in table], range(len(table)), marker="o", color="white", s=14,
+               edgecolors="black", linewidths=0.5, label="mean onset (leaves its post-memorisation band)")
     ax.scatter([t["t50_from_grok"] for t in table], range(len(table)), marker="|", color="white", s=60,
                label="mean t50 (half the change done)")
     ax.legend(fontsize=7, loc="lower left")
