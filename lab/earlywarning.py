@@ -396,7 +396,7 @@ def role(kind: str) -> str:
     return "baseline" if kind == "config" else "predictor" if is_predictor(kind) else "reference"
 
 
-def evaluate(rule, runs: list) -> dict:
+def score_rule(rule, runs: list) -> dict:
     """Every statistic of one rule: alarms held out by cell and by op, the concordance at each offset."""
     by_cell = held_out(rule, runs, "cell") if rule.alarms else []
     row = {"measure": rule.name, "layer": rule.key[0], "split": rule.key[1], "metric": rule.key[2],
@@ -424,9 +424,9 @@ def keys_of(runs: list) -> list:
 
 
 def earlywarning_table(runs: list) -> list:
-    """evaluate() of every baseline and measure: baselines, predictors, references, each by held-out C at PRIMARY
+    """score_rule() of every baseline and measure: baselines, predictors, references, each by held-out C at PRIMARY
     (high first), then J."""
-    rows = [evaluate(rule, runs) for rule in [*BASELINES, *(Measure(k) for k in keys_of(runs))]]
+    rows = [score_rule(rule, runs) for rule in [*BASELINES, *(Measure(k) for k in keys_of(runs))]]
     order = {"baseline": 0, "predictor": 1, "reference": 2}
     return sorted(rows, key=lambda t: (order[t["role"]], -_num(t[f"c_{PRIMARY}"]), -_num(t["J"]), t["measure"]))
 

@@ -352,7 +352,7 @@ def test_leave_one_cell_out_changes_the_answer_when_a_cell_is_its_own_kind():
             runs.append(make_run(rng, cell=cell, seed=seed, t50=t50, budget=5000,
                                  measures={"own": lambda s, t=t50, g=sign: np.where(s >= (t or 1e9) - 700, g * JUMP,
                                                                                    0.0)}))
-    held = W.evaluate(W.Measure(("model", "all", "own")), runs)
+    held = W.score_rule(W.Measure(("model", "all", "own")), runs)
     assert held["hit_rate"] == 0.0
     rule = W.Measure(("model", "all", "own"))
     fitted = rule.fit(runs, W.horizon(runs))
