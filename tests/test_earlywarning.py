@@ -196,7 +196,7 @@ def test_a_hit_comes_strictly_before_the_half_step_and_a_false_alarm_within_the_
 
 
 # ----------------------------------------------------------------------------- the evaluation, end to end
-def sweep(rng, before=None, never_after=None, cells=("a", "b", "c", "d"), seeds=4):
+def sweep(rng, never_after=None, cells="abcd", seeds=4, grokking="ab"):
     """Cells a and b: every seed reaches val acc 0.5 (at 1600 to 2800 steps after memorisation, by seed); cells c
     and d: none does. Measures: `copy` falls 700 steps before val accuracy's 0.5 in positives and stays flat in
     negatives; `clock` falls at 900 steps in every run; `flat` never moves; `late` falls 700 steps before 0.5 in
@@ -204,8 +204,7 @@ def sweep(rng, before=None, never_after=None, cells=("a", "b", "c", "d"), seeds=
     runs = []
     for cell in cells:
         for seed in range(seeds):
-            grokking = cell in ("a", "b")
-            t50 = 1600 + 400 * seed if grokking else None
+            t50 = 1600 + 400 * seed if cell in grokking else None
             measures = {"copy": lambda s, t=t50: np.where(s >= (t or 1e9) - 700, -JUMP, 0.0),
                         "clock": lambda s: np.where(s >= 900, -JUMP, 0.0),
                         "flat": lambda s: np.zeros_like(s)}
@@ -387,6 +386,21 @@ def test_the_clock_slope_tells_a_coupled_measure_from_a_clock():
     assert follows["cells"] == 6 and follows["runs"] == 24
     assert follows["onset_lead"] == pytest.approx(300) and follows["leads"] == 24
     assert rows[("acc", data)]["slope"] == pytest.approx(1)  # val accuracy against itself
+
+
+def test_the_clock_verdicts():
+    assert W.verdict(0.2, 1.4) == "coupled" and W.verdict(-0.3, 0.6) == "clock"
+    assert W.verdict(-2.0, -0.5) == "opposite" and W.verdict(-0.5, 1.5) == "unclear"
+
+
+def test_a_measure_only_some_runs_have_is_judged_on_those_runs_only():
+    """RQI exists for x+y only: x-y's runs are neither misses nor quiet runs for it."""
+    runs = sweep(np.random.default_rng(20), cells="abcdef", grokking="abe")
+    for r in runs:
+        if r.cell in ("b", "d"):
+            del r.series[("model", "all", "copy")]
+    copy = rows_by_name(runs)["copy"]
+    assert (copy["positives"], copy["negatives"], copy["J"]) == (8, 8, 1.0)
 
 
 # ----------------------------------------------------------------------------- what each measure reads
