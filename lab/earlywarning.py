@@ -75,21 +75,25 @@ class WarnRun:
             return "censored"
         return "negative"
 
-    def alarm_steps(self, key, sign: int) -> tuple:
-        """(running maximum over the grid after the band of the lowest sign * deviation in each RUN-long window,
-        the grid step at which each window ends): the alarm at level L is the first step whose maximum exceeds L."""
-        if (key, sign) not in self._alarms:
-            z = onset.deviation(self.series[key]) if key in self.series else None
-            if z is None or len(z) < onset.RUN:
-                self._alarms[key, sign] = None
+    def alarm_steps(self, key, sign: int, scale: str = "band") -> tuple:
+        """(running maximum of the lowest sign * x in each RUN-long window, the grid step at which each window ends),
+        x the deviation from the band in half-widths after the band (scale "band"), or the value itself from
+        memorisation on ("value"): the alarm at level L is the first step whose maximum exceeds L."""
+        if (key, sign, scale) not in self._alarms:
+            values = self.series.get(key)
+            x = None if values is None else onset.deviation(values) if scale == "band" else np.asarray(values)
+            if x is None or len(x) < onset.RUN:
+                self._alarms[key, sign, scale] = None
             else:
-                low = np.lib.stride_tricks.sliding_window_view(np.nan_to_num(sign * z, nan=-np.inf), onset.RUN).min(1)
-                self._alarms[key, sign] = (np.maximum.accumulate(low), self.grid[onset.BAND + onset.RUN - 1:])
-        return self._alarms[key, sign]
+                low = np.lib.stride_tricks.sliding_window_view(np.nan_to_num(sign * x, nan=-np.inf), onset.RUN).min(1)
+                first = onset.BAND if scale == "band" else 0
+                self._alarms[key, sign, scale] = (np.maximum.accumulate(low), self.grid[first + onset.RUN - 1:])
+        return self._alarms[key, sign, scale]
 
-    def alarm(self, key, sign: int, level: float):
-        """Steps since memorisation at which the level-`level` alarm in direction sign is raised, or None."""
-        found = self.alarm_steps(key, sign)
+    def alarm(self, key, sign: int, level: float, scale: str = "band"):
+        """Steps since memorisation at which the alarm in direction sign is raised: sign * x above level for RUN
+        measurements (alarm_steps), or None."""
+        found = self.alarm_steps(key, sign, scale)
         if found is None:
             return None
         peak, steps = found
@@ -210,6 +214,37 @@ class Measure:
 
     def score(self, run: WarnRun, offset: int, peers) -> float:
         return run.value_at(self.key, offset)
+
+
+class MeasureValue(Measure):
+    """The same measure with a threshold on its value, not on its own noise: alarm when sign * value has been above
+    sign * threshold for RUN measurements from memorisation on; direction and threshold (a 5% to 95% quantile of
+    the training runs' values after memorisation) fitted to the best J as Measure's. It does not transfer across
+    setups whose scales differ; it shows what a threshold in noise units gives up."""
+
+    QUANTILES = np.linspace(0.05, 0.95, 19)
+
+    def fit(self, train: list, window):
+        mine = [r for r in train if self.reads_run(r)]
+        positives, negatives = labelled(mine, window)
+        if not positives or not negatives:
+            return None
+        values = np.concatenate([r.series[self.key] for r in mine])
+        values = values[np.isfinite(values)]
+        best = None
+        for sign in (1, -1):
+            for threshold in np.unique(np.quantile(values, self.QUANTILES)):
+                def alarm_of(r):
+                    return r.alarm(self.key, sign, sign * threshold, "value")
+                hits = sum(a is not None and a < r.t50 for a, r in ((alarm_of(r), r) for r in positives))
+                score = (youden(positives, negatives, alarm_of, window), hits)
+                if best is None or score > best[0]:
+                    best = (score, sign, float(threshold))
+        return {"sign": best[1], "threshold": best[2]}
+
+    def alarm(self, run: WarnRun, fitted, peers):
+        return None if fitted is None else run.alarm(self.key, fitted["sign"], fitted["sign"] * fitted["threshold"],
+                                                     "value")
 
 
 class ConfigLookup:
@@ -426,6 +461,8 @@ def score_rule(rule, runs: list) -> dict:
            **alarm_rates(by_cell)}
     by_op = alarm_rates(held_out(rule, runs, "op")) if rule.alarms and len({r.op for r in runs}) > 1 else {}
     row.update({f"J_op{s}": by_op.get(f"J{s}", float("nan")) for s in ("", "_lo", "_hi")})
+    value = alarm_rates(held_out(MeasureValue(rule.key), runs, "cell")) if isinstance(rule, Measure) else {}
+    row.update({f"{k}_value": value.get(k, float("nan")) for k in ("J", "J_lo", "J_hi", "hits", "false_alarms")})
     fits = [f for *_, f in by_cell if f]
     row["direction"] = _mode(["up" if f["sign"] > 0 else "down" for f in fits if "sign" in f])
     row["level"] = _mode([f"{f['level']:g}" for f in fits if "level" in f])
@@ -555,7 +592,8 @@ def clock_table(runs: list) -> list:
 EARLYWARNING_COLUMNS = [
     "run", "measure", "layer", "split", "metric", "reads", "role", "positives", "negatives", "hits", "hit_rate",
     "hit_lo", "hit_hi", "false_alarms", "false_alarm_rate", "false_alarm_lo", "false_alarm_hi", "J", "J_lo", "J_hi",
-    "J_op", "J_op_lo", "J_op_hi", "lead", "lead_lo", "lead_hi",
+    "J_op", "J_op_lo", "J_op_hi", "lead", "lead_lo", "lead_hi", "J_value", "J_lo_value", "J_hi_value", "hits_value",
+    "false_alarms_value",
     *(f"c_{o}{s}" for o in OFFSETS for s in ("", "_lo", "_hi", "_pairs")), "direction", "level", "delay"]
 CLOCK_COLUMNS = ["run", "measure", "layer", "split", "metric", "reads", "onset_lead", "onset_lead_lo",
                  "onset_lead_hi", "leads", "onset_runs", "family", "slope", "slope_lo", "slope_hi", "cells", "runs",
@@ -576,6 +614,8 @@ def rule_text(t: dict) -> str:
     j = interval(t["J"], t["J_lo"], t["J_hi"])
     alarms = (f"; J {j}, hits {t['hits']}/{t['positives']}, false alarms {t['false_alarms']}/{t['negatives']}"
               if not math.isnan(t["J"]) else "")
+    if _finite(t["J_value"]):
+        alarms += f"; J on the value {interval(t['J_value'], t['J_lo_value'], t['J_hi_value'])}"
     return f"{t['measure']} (reads {t['reads']}): C{PRIMARY} {c}{alarms}"
 
 
@@ -587,15 +627,18 @@ def markdown(sweep_run: str, table: list, clock: list, counts: dict) -> list:
              f"C{{offset}}: held-out stratified concordance within (op, cell) of the measure's value that many steps "
              "after memorisation with the time to grokking (censored at the budget; runs not yet at val acc 0.5); "
              "0.5 is chance and what a rule that reads only the configuration scores. J: held-out hit rate - "
-             "false-alarm rate, thresholds fitted leaving one cell out (J_op: one op out). 95% intervals: "
+             "false-alarm rate, thresholds in the run's own noise units fitted leaving one cell out (J_op: one op out; "
+             "J on the value: a threshold on the measure's value instead). 95% intervals: "
              "bootstrap over cells (C, J, lead), Wilson (rates). reads: what the measure reads (predictor: no "
              "validation labels).", "",
              "| role | measure | reads | " + " | ".join(f"C{o}" for o in OFFSETS)
-             + " | J | J, other op | hit rate | false-alarm rate | lead (steps) |", "|---" * (6 + len(OFFSETS)) + "|"]
+             + " | J | J, other op | J, on the value | hit rate | false-alarm rate | lead (steps) |",
+             "|---" * (9 + len(OFFSETS)) + "|"]
     for t in table:
         cs = " | ".join(interval(t[f"c_{o}"], t[f"c_{o}_lo"], t[f"c_{o}_hi"]) for o in OFFSETS)
         lines.append(f"| {t['role']} | {t['measure']} | {t['reads']} | {cs} | {interval(t['J'], t['J_lo'], t['J_hi'])}"
                      f" | {interval(t['J_op'], t['J_op_lo'], t['J_op_hi'])} | "
+                     f"{interval(t['J_value'], t['J_lo_value'], t['J_hi_value'])} | "
                      f"{interval(t['hit_rate'], t['hit_lo'], t['hit_hi'], '{:.0%}')} ({t['hits']}/{t['positives']}) | "
                      f"{interval(t['false_alarm_rate'], t['false_alarm_lo'], t['false_alarm_hi'], '{:.0%}')} "
                      f"({t['false_alarms']}/{t['negatives']}) | "
@@ -639,8 +682,9 @@ def notes(sweep_run: str, table: list, clock: list, counts: dict) -> list:
     config = by_metric.get("config_lookup")
     lines = [f"Early warning, {sweep_run} ({counts['positive']} runs reaching val acc {HALF}, {counts['negative']} "
              f"never (at chance at the budget), {counts['censored']} censored; everything fitted leaving one cell "
-             f"out; 95% intervals; earlywarning.csv): C{PRIMARY} = concordance within (op, cell) of a measure's value "
-             f"{PRIMARY} steps after memorisation with the time to grokking; 0.5 is what the configuration alone gives."]
+             f"out; 95% intervals; earlywarning.csv): C{PRIMARY} = concordance within (op, cell) of a measure's "
+             f"value {PRIMARY} steps after memorisation with the time to grokking; 0.5 is what the configuration "
+             "alone gives."]
     if config:
         lines.append(f"Baseline that reads no measurement, {config['measure']} (alarm at memorisation when most "
                      f"other seeds of the cell grokked): J {interval(config['J'], config['J_lo'], config['J_hi'])} "
@@ -648,10 +692,11 @@ def notes(sweep_run: str, table: list, clock: list, counts: dict) -> list:
                      f"{config['negatives']}); C{PRIMARY} 0.5 by construction.")
     predictors = [t for t in table if t["role"] == "predictor" and _finite(t[f"c_{PRIMARY}"])]
     beyond = [t["measure"] for t in predictors if _finite(t[f"c_{PRIMARY}_lo"]) and t[f"c_{PRIMARY}_lo"] > 0.5]
-    better = [t["measure"] for t in predictors if config and _finite(t["J_lo"]) and _finite(config["J"])
-              and t["J_lo"] > config["J"]]
+    better = [t["measure"] for t in predictors if config and _finite(config["J"]) and any(
+        _finite(t.get(k)) and t[k] > config["J"] for k in ("J_lo", "J_lo_value"))]
     lines.append(f"Beyond the configuration: predictors (read no validation labels) with C{PRIMARY}'s interval above "
-                 f"0.5: {_names(beyond)}; with J's interval above the config lookup's J: {_names(better)}.")
+                 f"0.5: {_names(beyond)}; with J's interval (noise units or value) above the config lookup's J: "
+                 f"{_names(better)}.")
     if predictors:
         lines.append("Best predictors: " + "; ".join(rule_text(t) for t in predictors[:3]) + ".")
     references = [t for t in table if t["role"] == "reference" and _finite(t[f"c_{PRIMARY}"])][:2]

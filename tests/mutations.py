@@ -77,6 +77,8 @@ MUTATIONS = [
      "a 50% interval called 95%"),
     ("lab/earlywarning.py", "rising = chance is not None and tail > CHANCE_TIMES * chance",
      "rising = chance is not None and tail > chance", "a run at chance at the budget counted as rising"),
+    ("lab/earlywarning.py", 'first = onset.BAND if scale == "band" else 0', "first = onset.BAND",
+     "value alarms read from the band's end, not from memorisation"),
     ("lab/schema.py", '"restricted_loss": "val_labels"', '"restricted_loss": "inputs"',
      "restricted loss (a loss on every pair) declared label-free"),
 ]

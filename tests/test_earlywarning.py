@@ -388,6 +388,21 @@ def test_the_clock_slope_tells_a_coupled_measure_from_a_clock():
     assert rows[("acc", data)]["slope"] == pytest.approx(1)  # val accuracy against itself
 
 
+def test_a_threshold_on_the_value_where_noise_units_fail():
+    """In the runs that grok the measure climbs from memorisation on (a wide band); in the others it sits flat and
+    twitches by 0.05 at step 2000, far outside its narrow band. In noise units no level both warns and stays
+    quiet; on the value, a threshold does (J 1)."""
+    rng = np.random.default_rng(21)
+    runs = []
+    for cell in "abcdef":
+        for seed in range(4):
+            t50 = 1600 + 400 * seed if cell in "abe" else None
+            climb = (lambda s: s / 1000.0) if t50 else (lambda s: np.where((s >= 2000) & (s < 2600), 0.05, 0.0))
+            runs.append(make_run(rng, cell=cell, seed=seed, t50=t50, budget=5000, measures={"climb": climb}))
+    row = rows_by_name(runs)["climb"]
+    assert row["J_value"] == 1.0 and row["J"] < 0.5
+
+
 def test_the_clock_verdicts():
     assert W.verdict(0.2, 1.4) == "coupled" and W.verdict(-0.3, 0.6) == "clock"
     assert W.verdict(-2.0, -0.5) == "opposite" and W.verdict(-0.5, 1.5) == "unclear"
