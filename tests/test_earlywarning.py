@@ -435,13 +435,13 @@ def test_every_registered_measure_declares_what_it_reads():
 
 def test_a_job_read_from_its_log_is_censored_only_when_it_ends_above_3x_chance():
     """warn_run on a job's log: val accuracy that never reaches 0.5 but ends at 0.2 (above 3 / 31) is rising, one
-    that dips after memorisation and wanders at chance is not, though it ends above its post-memorisation band."""
+    that dips after memorisation and ends at 0.05 (above chance, 1 / 31, and its post-memorisation band) is not."""
     def job(final):
         log = [{"step": s, "train_acc": 1.0 if s >= 300 else 0.5, "train_loss": 0.01, "val_loss": 4.0,
                 "val_acc": 0.03 if s < 300 else 0.003 if s < 1000 else final} for s in range(10, 5001, 10)]
         return Pair("run_0", "x_minus_y", 0, "", log, {"step_val_acc_99": 5000, "grokked": False})
 
-    wandering, rising = (W.warn_run(job(final), "a", {}, chance=1 / 31) for final in (0.02, 0.2))
+    wandering, rising = (W.warn_run(job(final), "a", {}, chance=1 / 31) for final in (0.05, 0.2))
     assert not wandering.rising and rising.rising and wandering.half_step is None
     assert wandering.memorisation_step == wandering.grid[0] == 300 and wandering.grid[1] - wandering.grid[0] == 100
     assert wandering.status(2000) == "negative" and rising.status(2000) == "censored"
