@@ -19,6 +19,7 @@ from lab.analysis import (LEADLAG_COLUMNS, LEADLAG_HALF_WIDTH, PHASES, SPIKE_BEL
 from lab.files import atomic_write, read_json, write_json, write_text
 from lab.progress import final_key_progress_of, summary_row
 from lab import earlywarning, onset, phases
+from lab import figures as sweep_figures
 from lab.schema import CHECKPOINTS, LAYERS, MEASURES, METRIC_SPLITS, SWEEP
 
 
@@ -403,8 +404,8 @@ def inputs_key(P, settings, pairs: list, *extra) -> str:
     return settings_key(settings, figures_key(P), *extra, inputs)
 
 
-def sweep_outputs(P, run: str, name: str, out_dir: str) -> dict:
-    """A sweep's phase figures (P.phase_figures per op), early-warning figure, table rows (phases.csv,
+def sweep_outputs(run: str, name: str, out_dir: str) -> dict:
+    """A sweep's phase figures (lab.figures.phase_figures per op), early-warning figure, table rows (phases.csv,
     phase_jobs.csv, earlywarning.csv, clock.csv), summary lines and notes.txt lines."""
     sweep = phases.load_sweep(run, name)
     jobs = phases.job_rows(sweep)
@@ -412,8 +413,8 @@ def sweep_outputs(P, run: str, name: str, out_dir: str) -> dict:
         warn(f"sweep {run}: no finished job yet; skipped")
         return {}
     cells = phases.cell_rows(sweep, jobs)
-    figures = [f for op in sweep["ops"] for f in P.phase_figures(sweep, op, [c for c in cells if c["op"] == op],
-                                                                    out_dir)]
+    figures = [f for op in sweep["ops"]
+               for f in sweep_figures.phase_figures(sweep, op, [c for c in cells if c["op"] == op], out_dir)]
     markdown, notes = phases.sweep_markdown(sweep, cells), phases.sweep_notes(sweep, cells)
     table, clock = [], []
     if sweep["seeds"] < 2:
@@ -424,7 +425,7 @@ def sweep_outputs(P, run: str, name: str, out_dir: str) -> dict:
         table = [{"run": name, **t} for t in earlywarning.earlywarning_table(runs)]
         clock = [{"run": name, **c} for c in earlywarning.clock_table(runs)]
         counts = earlywarning.tally(runs)
-        figures += P.earlywarning_figure(name, table, clock, counts, out_dir)
+        figures += sweep_figures.earlywarning_figure(name, table, clock, counts, out_dir)
         markdown += earlywarning.markdown(name, table, clock, counts)
         notes += earlywarning.notes(name, table, clock, counts)
     return {"figures": figures, "fields": sweep["fields"], "phases.csv": cells, "phase_jobs.csv": jobs,
@@ -551,7 +552,7 @@ def main(P, args) -> int:
     outputs = []
     for run, name in sweeps.items():
         try:
-            made = sweep_outputs(P, run, name, args.out_dir)
+            made = sweep_outputs(run, name, args.out_dir)
         except Exception as e:  # a broken sweep must not cost the other runs' analysis
             warn(f"sweep {run} skipped ({type(e).__name__}: {e})")
             continue
