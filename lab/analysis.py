@@ -492,10 +492,17 @@ def onsets(series: dict, grid: np.ndarray) -> dict:
     return {key: onset.onset(grid, onset.grid_values(steps, values, grid)) for key, (steps, values) in series.items()}
 
 
+def half_inside_band(half_step, band_end) -> bool:
+    """A seed whose val accuracy reaches 0.5 by the end of its post-memorisation band: the band holds most of its
+    rise, so val accuracy's onset (leaving that band) times its last percent, not its start. Its seed gets no onset
+    leads (the early-warning evaluation excludes such runs too: lab.earlywarning)."""
+    return half_step is not None and band_end is not None and half_step <= band_end
+
+
 def leadlag_rows(pairs: list, rows: list) -> tuple[list, list]:
     """(rows of leadlag.csv, seeds left out): per grokked seed and measure, its onset (the first step it leaves its
     post-memorisation band, lab.onset) and onset_lead = val accuracy's onset minus the measure's (positive: the
-    measure moves first); and, secondary, t10/t50/t90 from its memorisation step to the end (leadlag_end) with
+    measure moves first; none in a seed that is half-way inside its band, half_inside_band); and, secondary, t10/t50/t90 from its memorisation step to the end (leadlag_end) with
     t50_lead = val accuracy's t50 - the measure's t50."""
     out, left_out = [], []
     for pair in pairs:
@@ -511,6 +518,8 @@ def leadlag_rows(pairs: list, rows: list) -> tuple[list, list]:
         val_onset = started.get(("log", "val", "acc"))
         band_end = float(grid[onset.BAND - 1]) if len(grid) >= onset.BAND else None
         half = next((r["step"] for r in pair.log if r["val_acc"] >= 0.5), None)
+        if half_inside_band(half, band_end):
+            val_onset = None  # already half-way before its band ends: no onset times the start of its rise
         if reference is None and val_onset is None:
             left_out.append(pair.seed)
             continue

@@ -697,14 +697,17 @@ def notes(sweep_run: str, table: list, clock: list, counts: dict) -> list:
     lines.append(f"Beyond the configuration: predictors (read no validation labels) with C{PRIMARY}'s interval above "
                  f"0.5: {_names(beyond)}; with J's interval (noise units or value) above the config lookup's J: "
                  f"{_names(better)}.")
+    family = next(iter(FAMILIES))
+    clock_of = {c["measure"]: c["verdict"] for c in clock if c["family"] == family and c["verdict"]}
     if predictors:
-        lines.append("Best predictors: " + "; ".join(rule_text(t) for t in predictors[:3]) + ".")
+        lines.append("Best predictors: " + "; ".join(
+            rule_text(t) + (f"; its onset in the clock test: {clock_of[t['measure']]}" if t["measure"] in clock_of
+                            else "") for t in predictors[:3]) + ".")
     references = [t for t in table if t["role"] == "reference" and _finite(t[f"c_{PRIMARY}"])][:2]
     chance = by_metric.get("val_acc_3x_chance")
     if references:
         lines.append("References (read validation labels: not predictors): " + "; ".join(
             rule_text(t) for t in references) + (f"; beside the trivial {rule_text(chance)}" if chance else "") + ".")
-    family = next(iter(FAMILIES))
     verdicts = {v: sorted({c["measure"] for c in clock if c["verdict"] == v and c["family"] == family})
                 for v in ("coupled", "clock")}
     if any(verdicts.values()):

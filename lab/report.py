@@ -13,9 +13,10 @@ from multiprocessing import get_context
 import numpy as np
 
 from lab.analysis import (LEADLAG_COLUMNS, LEADLAG_HALF_WIDTH, PHASES, SPIKE_BELOW, TAIL_SHARE, describe_grokking,
-                          describe_leaders, describe_spikes, end_state, file_key, format_mean_stderr, is_trivial,
-                          largest_changes, lead_text, leadlag_rows, leadlag_table, load_run, measure_label,
-                          measure_rows, pair_metrics, phase_values, reads_tag, settings_key, spike_rows, warn)
+                          describe_leaders, describe_spikes, end_state, file_key, format_mean_stderr, half_inside_band,
+                          is_trivial, largest_changes, lead_text, leadlag_rows, leadlag_table, load_run,
+                          measure_label, measure_rows, pair_metrics, phase_values, reads_tag, settings_key, spike_rows,
+                          warn)
 from lab.files import atomic_write, read_json, write_json, write_text
 from lab.progress import final_key_progress_of, summary_row
 from lab import earlywarning, onset, phases
@@ -128,7 +129,10 @@ def leadlag_markdown(run: str, op: str, pairs: list, leadlag: list, left_out: li
     if not mine:
         return lines + ["No seed grokked: nothing to time.", ""]
     table = leadlag_table(mine)
-    lines += [describe_leaders(table), "",
+    inside = sorted({r["seed"] for r in mine if half_inside_band(r["half_step"], r["band_end"])})
+    early = (f" Seed(s) {', '.join(map(str, inside))} reach val acc 0.5 inside their post-memorisation band: "
+             "no onset lead (their onsets would time the end of the rise)." if inside else "")
+    lines += [describe_leaders(table) + early, "",
               f"A measure's onset is the first measurement after its post-memorisation band (its first {onset.BAND} "
               f"measurements from memorisation on) that starts {onset.RUN} in a row all above or all below it; "
               "onset lead = val accuracy's onset minus the measure's (positive: leaves first), mean over seeds with a "

@@ -82,6 +82,10 @@ MUTATIONS = [
      "value alarms read from the band's end, not from memorisation"),
     ("lab/schema.py", '"restricted_loss": "val_labels"', '"restricted_loss": "inputs"',
      "restricted loss (a loss on every pair) declared label-free"),
+    ("lab/earlywarning.py", 'if t["measure"] in clock_of', 'if False',
+     "the notes rank a predictor without its clock verdict"),
+    ("lab/analysis.py", "return half_step is not None and band_end is not None and half_step <= band_end",
+     "return False", "a seed half-way inside its band timed by onsets"),
 ]
 
 

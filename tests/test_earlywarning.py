@@ -445,3 +445,17 @@ def test_a_job_read_from_its_log_is_censored_only_when_it_ends_above_3x_chance()
     assert not wandering.rising and rising.rising and wandering.half_step is None
     assert wandering.memorisation_step == wandering.grid[0] == 300 and wandering.grid[1] - wandering.grid[0] == 100
     assert wandering.status(2000) == "negative" and rising.status(2000) == "censored"
+
+
+
+def test_the_notes_give_each_best_predictor_its_clock_verdict():
+    """An agent reads the notes block, not clock.csv: a predictor ranked there carries its clock-test verdict."""
+    runs = clock_runs(np.random.default_rng(14))
+    table = W.earlywarning_table(runs)
+    for t in table:
+        if t["metric"] in ("follows", "clock"):
+            t["role"] = "predictor"  # synthetic measures declare no reads
+    line = next(x for x in W.notes("s", table, W.clock_table(runs), W.tally(runs)) if x.startswith("Best predictors"))
+    parts = line[len("Best predictors: "):].split("; its onset in the clock test: ")
+    verdicts = {p.split(" (reads")[0].split("; ")[-1]: n.split(";")[0].rstrip(".") for p, n in zip(parts, parts[1:])}
+    assert verdicts == {"follows (model, all)": "coupled", "clock (model, all)": "clock"}

@@ -133,3 +133,16 @@ def test_a_seed_that_ends_inside_a_spike_is_read_up_to_the_spike():
     for measure, lead in leads.items():
         assert found["spiky"][measure]["t50_lead"] == pytest.approx(lead, abs=25)
         assert found["spiky"][measure]["t50"] == pytest.approx(found["clean"][measure]["t50"], abs=10)
+
+
+def test_a_seed_half_way_inside_its_band_gets_no_onset_leads():
+    """Memorised at 400, its band ends 8 measurements later (1100): a seed half-way at 700 is timed by nothing; one
+    half-way at 3000 keeps its leads. Both keep their rows and onsets."""
+    inside, after = pair(0, 700), pair(1, CENTRES[1])
+    found, left_out = A.leadlag_rows([inside, after], measure_rows([inside, after], {"early": 400}))
+    by_seed = {s: [r for r in found if r["seed"] == s] for s in (0, 1)}
+    assert left_out == [] and by_seed[0] and by_seed[1]
+    assert all(r["onset_lead"] is None and r["half_step"] <= r["band_end"] == 1100 for r in by_seed[0])
+    assert [r["onset"] is not None for r in by_seed[0] if r["measure"] == "early"] == [True]
+    assert [r["onset_lead"] for r in by_seed[1] if r["measure"] == "early"] == [pytest.approx(400, abs=200)]
+    assert A.half_inside_band(1100, 1100) and not A.half_inside_band(1110, 1100) and not A.half_inside_band(None, 1)
