@@ -32,6 +32,7 @@ if __name__ in ("__main__", "__mp_main__"):  # plugin files `import experiment`:
 
 from lab import runner  # noqa: E402
 from lab.files import write_jsonl  # noqa: E402
+from lab.job import STOP, device_of, save_checkpoint, write_examples, write_job  # noqa: E402
 from lab.ops import Op, Task, additive, build_task, compose, inverses, modular, multiplicative  # noqa: E402
 from lab.ops import permutation_group  # noqa: E402
 from lab.plugins import (RESEARCH_PLUGINS, Plugin, PluginError, PluginHooks, Run, UsageError,  # noqa: E402
@@ -625,7 +626,7 @@ def prepare(cfg: Config, job: Job) -> Run:
     data on the device (run.x_train, y_train, x_val, y_val), its plugins (run.hooks) and its model, initialised
     under the init seed. train_one and the batched trainer (lab/batched.py) both start here."""
     cfg = job.config(cfg)
-    device = runner.device_of(cfg)
+    device = device_of(cfg)
     seeds = derived_seeds(job.seed)
     out_dir = job_dir(cfg.out_dir, job)
     if os.path.exists(out_dir):  # an unfinished earlier attempt: start over
@@ -634,7 +635,7 @@ def prepare(cfg: Config, job: Job) -> Run:
 
     task = task_of(cfg, job.op)
     train_idx, val_idx = split_pairs(len(task.y), cfg.train_frac, seeds["split_seed"])
-    runner.write_examples(os.path.join(out_dir, EXAMPLES), task, train_idx)
+    write_examples(os.path.join(out_dir, EXAMPLES), task, train_idx)
     hooks = PluginHooks([cls() for cls in plugin_classes(cfg)])  # plugin files may add registry entries
     torch.manual_seed(seeds["init_seed"])
     run = Run(cfg, job, out_dir, task, train_idx, val_idx, build_model(cfg, task).to(device), device, LOSSES[cfg.loss],
@@ -690,7 +691,7 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
     start = time.perf_counter()
     model.train()
     for step in range(1, cfg.steps + 1):
-        if runner.STOP.is_set():  # a stop signal arrived in a child: unwind here, at a known point
+        if STOP.is_set():  # a stop signal arrived in a child: unwind here, at a known point
             raise SystemExit(128 + signal.SIGTERM)
         run.step = step
         lr_used = scheduler.get_last_lr()[0]
@@ -727,10 +728,10 @@ def train_one(cfg: Config, job: Job, report=None) -> dict:
             if val_acc > cfg.stop_at_val_acc:
                 break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            runner.save_checkpoint(run, step)
+            save_checkpoint(run, step)
     final_info = final_info_of(run, step_val_acc_99)
     hooks.on_train_end(run, final_info)
-    return runner.write_job(cfg, job, run, final_info, time.perf_counter() - start)
+    return write_job(cfg, job, run, final_info, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

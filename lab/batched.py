@@ -20,6 +20,7 @@ import inspect
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -29,7 +30,9 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lab import sweep
 from lab.files import write_jsonl
+from lab.job import STOP, deterministic_on, device_of, keep_freed_memory, save_checkpoint, write_job
 from lab.plugins import Plugin
 from lab.schema import GROKKED_ABOVE, LOG
 
@@ -42,7 +45,7 @@ AUTO = {"cuda": True, "cpu": False}
 # The source of experiment.train_one and of the optimizers that train_group mirrors. An edited train_one (a new
 # loss term, gradient clipping) would not reach a batch: its jobs then train one by one, with a line saying so.
 # tests/test_batched.py fails when these change, so that whoever changes them updates train_group too.
-MIRRORED = {"train_one": "c0161e78b0", "adamw": "82d65da388", "adam": "9f381a3df1", "perp_adamw": "35f47c1769"}
+MIRRORED = {"train_one": "1b64ebfcfa", "adamw": "82d65da388", "adam": "9f381a3df1", "perp_adamw": "35f47c1769"}
 
 
 def fingerprint(source: str) -> str:
@@ -111,9 +114,7 @@ def plan(E, cfg, todo: list, workers: int, say) -> list[Unit]:
     """The units of work of todo. Jobs batch by shape_key, a key's jobs split into up to `workers` batches of at
     least two (one per core). A batched job always trains through train_group, alone too (after a resume), so its
     numbers never depend on what else is in its batch."""
-    from lab import runner, sweep
-
-    device = runner.device_of(cfg).type
+    device = device_of(cfg).type
     on = cfg.batched == "on" or (cfg.batched == "auto" and AUTO.get(device, False))
     if not on:
         return [Unit((job,), False) for job in todo]
@@ -275,10 +276,8 @@ def train_group(E, cfg, jobs: list, report=None, ghosts: tuple = ()) -> list:
 
 
 def _train_group(E, cfg, jobs: list, report, ghosts: tuple, scratch) -> list:
-    from lab import runner
-
     start = time.perf_counter()
-    runner.deterministic_on(runner.device_of(cfg))
+    deterministic_on(device_of(cfg))
     runs = [E.prepare(dataclasses.replace(cfg, out_dir=scratch) if job in ghosts else cfg, job) for job in jobs]
     for k, run in enumerate(runs):
         run.batch = (k, len(runs))
@@ -303,7 +302,7 @@ def _train_group(E, cfg, jobs: list, report, ghosts: tuple, scratch) -> list:
     first_grok = [None] * len(runs)
     records = [None] * len(runs)
     for step in range(1, cfg0.steps + 1):
-        if runner.STOP.is_set():  # a stop signal: unwind at a known point, as train_one does
+        if STOP.is_set():  # a stop signal: unwind at a known point, as train_one does
             raise SystemExit(128 + signal.SIGTERM)
         lr_multiplier = schedule(step - 1)  # the LambdaLR factor of update `step` in train_one
         picked = [samplers[k](step) for k in active]
@@ -347,11 +346,11 @@ def _train_group(E, cfg, jobs: list, report, ghosts: tuple, scratch) -> list:
             seen = rows = 0
         if cfg0.checkpoint_every and step % cfg0.checkpoint_every == 0:
             for k in active:
-                runner.save_checkpoint(runs[k], step)
+                save_checkpoint(runs[k], step)
         if step == cfg0.steps:
             finished = list(active)
         for k in finished:
-            records[k] = finish(E, runner, runs[k], first_grok[k], time.perf_counter() - start)
+            records[k] = finish(E, runs[k], first_grok[k], time.perf_counter() - start)
         if finished and step < cfg0.steps:
             keep = [i for i, k in enumerate(active) if k not in finished]
             active = [active[i] for i in keep]
@@ -382,11 +381,11 @@ def evaluate(stack: Stack, loss_fn, autocast, x: torch.Tensor, y: torch.Tensor, 
     return losses, accuracies
 
 
-def finish(E, runner, run, step_val_acc_99, seconds: float) -> dict:
+def finish(E, run, step_val_acc_99, seconds: float) -> dict:
     """A job's final_info and files, as train_one writes them."""
     final_info = E.final_info_of(run, step_val_acc_99)
     run.hooks.on_train_end(run, final_info)
-    return runner.write_job(run.cfg, run.job, run, final_info, seconds)
+    return write_job(run.cfg, run.job, run, final_info, seconds)
 
 
 # ----------------------------------------------------------------------------- timing (tests/bench_batched.py)
@@ -396,12 +395,10 @@ def time_batch(E, cfg, jobs: tuple, repeats: int = 3, one_by_one: bool = True) -
     is touched, no file written)."""
     import statistics
 
-    from lab import runner
-
     rng_state = torch.get_rng_state()
     try:
         cfgs = [job.config(cfg) for job in jobs]
-        device = runner.device_of(cfgs[0])
+        device = device_of(cfgs[0])
         task = E.task_of(cfgs[0], jobs[0].op)
         torch.manual_seed(0)
         models = [E.build_model(c, task).to(device) for c in cfgs] if one_by_one else []
@@ -441,3 +438,13 @@ def time_batch(E, cfg, jobs: tuple, repeats: int = 3, one_by_one: bool = True) -
         torch.set_rng_state(rng_state)
     return {"models": len(jobs), "device": str(device), "seconds_batched": t_batched,
             "seconds_one_by_one": t_single, "speedup": t_single / t_batched if one_by_one else None}
+
+
+def train_unit(train_one, cfg, unit, report) -> list:
+    """Train a unit of plan(): one job by train_one, or a batch by train_group. Their records."""
+    keep_freed_memory()
+    if not unit.batched:  # (train_group turns the deterministic kernels on itself)
+        deterministic_on(device_of(cfg))
+        return [train_one(cfg, job, report=report) for job in unit.jobs]
+    return train_group(sys.modules[train_one.__module__], cfg, list(unit.jobs), report=report, ghosts=unit.ghosts)
+

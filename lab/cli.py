@@ -3,17 +3,19 @@ written. `E` below is the experiment module (experiment.py): its Config and regi
 
 import argparse
 import dataclasses
-import inspect
 import os
 import sys
 import typing
 
 import torch
 
+from lab import sweep
+from lab.config import check_contract, defaults, field_comments, field_defaults, flag_type, load_script
 from lab.ops import is_prime
 from lab.plugins import UsageError
+from lab.schema import cell_name
 
-RUNTIME_FIELDS = ("out_dir", "workers", "overwrite", "progress", "ray_address")  # fields that never change a number
+
 REGISTRY_FIELDS = {"model": "MODELS", "loss": "LOSSES", "optimizer": "OPTIMIZERS", "schedule": "SCHEDULES",
                    "sampler": "SAMPLERS"}  # Config field -> the registry of experiment.py that names its values
 
@@ -21,6 +23,7 @@ REGISTRY_FIELDS = {"model": "MODELS", "loss": "LOSSES", "optimizer": "OPTIMIZERS
 def validate(cfg, E) -> None:
     """Raise UsageError naming the first problem in cfg. Creates nothing. Plugin files are loaded first: they may
     add entries to experiment.py's registries (an op, a model, a loss)."""
+    check_contract(E)
     E.plugin_classes(cfg)  # raises UsageError for an unknown plugin or a broken plugin file
     bad = [op for op in cfg.ops if op not in E.OPS]
     if bad or not cfg.ops:
@@ -92,32 +95,32 @@ def validate(cfg, E) -> None:
         for op in cfg.ops:
             E.build_model(cfg, E.task_of(cfg, op))
     if cfg.sweep:
-        from lab import sweep
-
-        sweep.check(cfg, E, validate)
+        check_sweep(cfg, E)
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def check_sweep(cfg, E) -> None:
+    """Refuse bad sweep values before anything is written: each value alone, then each cell (for combinations
+    such as d_model and n_heads), one line per problem."""
+    errors = []
+    spec = sweep.parse(cfg.sweep, E.Config, errors)  # a value that does not parse, then each that parses but is bad
+    for field, values in spec:
+        for value in values:
+            try:
+                validate(dataclasses.replace(cfg, sweep="", **{field: value}), E)
+            except UsageError as e:
+                errors.append(f"--sweep {field}={value}: {e}")
+    if not errors:
+        for cell in sweep.cells(cfg):
+            try:
+                validate(dataclasses.replace(cfg, sweep="", **dict(cell)), E)
+            except UsageError as e:
+                errors.append(f"--sweep cell {cell_name(cell)}: {e}")
+    if errors:
+        raise UsageError("\n".join(dict.fromkeys(errors)))
 
 
-def _flag_type(annotation):
-    """argparse type for a Config annotation: int, float, str, bool or tuple[X, ...]."""
-    if annotation is bool:
-        return _parse_bool
-    if typing.get_origin(annotation) is tuple:
-        (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
 
-        def parse_list(text):
-            return tuple(item(part) for part in text.split(",") if part.strip())
 
-        parse_list.__name__ = f"comma-separated {item.__name__} list"
-        return parse_list
-    return annotation
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -125,25 +128,10 @@ class _OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def field_comments(Config) -> dict:
-    """The trailing '# ...' comment of each Config field: its --help text and its line in docs/experiment.md."""
-    comments = {}
-    for line in inspect.getsource(Config).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest and name.isidentifier():
-            comments[name] = rest.split("#", 1)[1].strip()
-    return comments
 
 
-def defaults(Config) -> dict:
-    """Field -> its default value."""
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(Config)}
 
 
-def field_defaults(Config) -> dict:
-    """Field -> its default as written on the command line (lists comma-separated)."""
-    return {name: ",".join(map(str, d)) if isinstance(d, tuple) else d for name, d in defaults(Config).items()}
 
 
 def parse_args(E, argv=None):
@@ -154,7 +142,7 @@ def parse_args(E, argv=None):
     hints = typing.get_type_hints(E.Config)
     for f in dataclasses.fields(E.Config):
         is_bool = hints[f.name] is bool
-        parser.add_argument(f"--{f.name}", type=_flag_type(hints[f.name]), default=argparse.SUPPRESS,
+        parser.add_argument(f"--{f.name}", type=flag_type(hints[f.name]), default=argparse.SUPPRESS,
                             nargs="?" if is_bool else None, const=True if is_bool else None,
                             metavar=hints[f.name].__name__.upper() if isinstance(hints[f.name], type) else "LIST",
                             help=f"{comments.get(f.name, '')} (default: {shown[f.name]})".replace("%", "%%"))
@@ -177,15 +165,8 @@ def resolve(E, flags: dict):
     return E.Config(**{**defaults(E.Config), **E.PRESETS[preset], **flags})
 
 
-def config_dict(cfg) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def config_from_dict(Config, saved: dict):
-    """A Config from a saved config.json: unknown keys are ignored, missing ones take today's defaults."""
-    hints = typing.get_type_hints(Config)
-    known = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in saved.items() if k in hints}
-    return Config(**known)
 
 
 def flags_markdown(Config) -> str:
@@ -197,14 +178,13 @@ def flags_markdown(Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def regenerate_docs(root: str) -> None:
+def regenerate_docs(root: str, E) -> None:
     """Rewrite the generated blocks of docs/: the flag table (docs/experiment.md) and the hook list
     (docs/plugins.md), each between its two marker lines."""
-    import experiment
     from lab.files import write_text
     from lab.plugins import hooks_markdown
 
-    for name, text in (("experiment.md", flags_markdown(experiment.Config)), ("plugins.md", hooks_markdown())):
+    for name, text in (("experiment.md", flags_markdown(E.Config)), ("plugins.md", hooks_markdown())):
         path = os.path.join(root, "docs", name)
         with open(path) as f:
             head, rest = f.read().split(DOC_BEGIN)
@@ -216,4 +196,4 @@ DOC_BEGIN, DOC_END = "<!-- generated by python -m lab.cli -->\n", "<!-- end of g
 if __name__ == "__main__":
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
-    regenerate_docs(root)
+    regenerate_docs(root, load_script(os.path.join(root, "experiment.py"), "experiment"))

@@ -14,10 +14,10 @@ from safetensors.torch import load_model as load_weights
 
 from lab import measures as M
 from lab.analysis import completion, leadlag_end, read_examples, read_log
-from lab.cli import config_from_dict
+from lab.config import config_from_dict, load_script
 from lab.files import read_json, write_json
 from lab.ops import cyclic_coordinates
-from lab.runner import checkpoints, load_model
+from lab.job import checkpoints, load_model
 from lab.schema import CHECKPOINTS, CONFIG, FINAL_KEYS, LOG, MEASURES, MODEL, Job, job_dir
 
 FINAL_KEYS_VERSION = 1  # bump when the computation below changes
@@ -122,11 +122,9 @@ def phases_and_leads(rows: list, memorisation_step: int, per_step: list = (), ha
     return out
 
 
-def final_key_progress_of(run_dir: str, op: str, seed: int):
-    """final_key_progress for plot.py's process pool (a module cannot be passed to a worker)."""
-    import experiment
-
-    return final_key_progress(experiment, run_dir, Job(op, seed))
+def final_key_progress_of(experiment_path: str, run_dir: str, op: str, seed: int):
+    """final_key_progress for plot.py's process pool: a module cannot be passed to a worker, its path can."""
+    return final_key_progress(load_script(experiment_path, "experiment"), run_dir, Job(op, seed))
 
 
 def per_step_rows(folder: str) -> list:

@@ -10,7 +10,6 @@ a local pool.
 """
 
 import dataclasses
-import importlib.util
 import os
 import socket
 import sys
@@ -19,23 +18,18 @@ import time
 import torch
 
 from lab.plugins import PluginError
-from lab.runner import label, line_due
+from lab.config import load_script
+from lab.job import WorkerError, label, line_due, unit_label
 
 
 def _experiment(path: str):
     """The experiment module at path, imported once per worker process (as `experiment`, for plugin files)."""
-    module = sys.modules.get("experiment")
-    if module is None or os.path.abspath(getattr(module, "__file__", "")) != path:
-        spec = importlib.util.spec_from_file_location("experiment", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["experiment"] = module
-        spec.loader.exec_module(module)
-    return module
+    return load_script(path, "experiment")
 
 
 class _Reports:
     """A task's training report: sends (job, step, metrics) to the driver's queue in one call at most every every_s
-    seconds (each job's latest report: the driver's bar), at once for the steps of its lines (runner.line_due),
+    seconds (each job's latest report: the driver's bar), at once for the steps of its lines (lab.job.line_due),
     and what is left at flush(). Progress is not worth a job: once the queue is gone (the driver stopping),
     reports stop."""
 
@@ -65,9 +59,8 @@ def _train_unit_task(path: str, config: dict, jobs: tuple, batched: bool, thread
                      queue=None):
     """A Ray task: train one unit, its progress reports sent to queue; ("done", records) or (kind, message) of a
     failure."""
-    from lab.batched import Unit
-    from lab.cli import config_from_dict
-    from lab.runner import train_unit
+    from lab.batched import Unit, train_unit
+    from lab.config import config_from_dict
 
     E = _experiment(path)
     torch.set_num_threads(threads)
@@ -130,7 +123,7 @@ def describe(cfg, resources: dict, tasks: int) -> str:
         f"a time on {cfg.device})"
 
 
-def train_on_ray(train_one, cfg, units: list, threads: int, progress, finished, unit_label, WorkerError) -> None:
+def train_on_ray(train_one, cfg, units: list, threads: int, progress, finished) -> None:
     """Train units as Ray tasks, their progress reports coming back through a queue (an actor on the cluster) as
     a local pool's do. Raises PluginError or WorkerError (one line)."""
     import ray
@@ -139,7 +132,7 @@ def train_on_ray(train_one, cfg, units: list, threads: int, progress, finished, 
     path = os.path.abspath(sys.modules[train_one.__module__].__file__)
     shared = dataclasses.replace(cfg, out_dir=os.path.abspath(cfg.out_dir), plugins=tuple(
         os.path.abspath(p) if p.endswith(".py") else p for p in cfg.plugins))
-    from lab.cli import config_dict
+    from lab.config import config_dict
 
     config = config_dict(shared)
     task = ray.remote(_train_unit_task).options(num_cpus=threads, num_gpus=1 if cfg.device == "cuda" else 0,

@@ -306,10 +306,10 @@ FINAL_KEY_COLUMNS = ["run", "op", "seed", "key_freqs", "n_key_freqs", "key_share
                      "t50_excluded_loss_per_step", "lead_excluded_loss_per_step"]
 
 
-def final_key_rows(pairs: list, pool) -> list:
+def final_key_rows(pairs: list, pool, experiment_path: str) -> list:
     """lab.progress.summary_row of every job that kept checkpoints (--checkpoint_every), its final_keys.json
-    computed in the pool where missing."""
-    submitted = [(p, pool.submit(final_key_progress_of, p.run, p.op, p.seed)) for p in pairs
+    computed in the pool where missing (by the experiment module at experiment_path)."""
+    submitted = [(p, pool.submit(final_key_progress_of, experiment_path, p.run, p.op, p.seed)) for p in pairs
                  if p.final is not None and os.path.isdir(os.path.join(p.folder, CHECKPOINTS))]
     out = []
     for p, job in submitted:
@@ -450,6 +450,11 @@ def write_sweep_tables(outputs: list, out_dir: str) -> None:
         write_csv(os.path.join(out_dir, file), columns, [r for o in outputs for r in o[file]])
 
 
+def experiment_path(P) -> str:
+    """experiment.py beside the plot module P: the one that trained the runs plot.py reads."""
+    return os.path.join(os.path.dirname(os.path.abspath(P.__file__)), "experiment.py")
+
+
 def main(P, args) -> int:
     """Everything plot.py writes: figures (P's functions, in a process pool, cached), metrics.csv/parquet,
     leadlag.csv, spikes.csv, analysis_summary.md and the notes.txt block. Returns the exit code."""
@@ -501,7 +506,7 @@ def main(P, args) -> int:
                 warn(f"learning curves skipped ({type(e).__name__}: {e})")
                 cached = []
         figures += cached
-        key_rows = final_key_rows(pairs, pool)  # before measure_rows, which reads the final_keys.json they write
+        key_rows = final_key_rows(pairs, pool, experiment_path(P))  # before measure_rows, which reads the final_keys.json they write
         rows, rows_by = [], {}
         for p, job in metric_jobs:
             found = job.result()

@@ -1,6 +1,6 @@
 """Sweeps: a grid of runs over Config fields, `--sweep="train_frac=0.3,0.5 weight_decay=0.1,1"` (fields separated
 by spaces, values by commas), each cell a run folder of its own, out_dir/{cell_name}. Here: parsing, and the
-refusal of bad values before anything is written. lab/runner.py trains every cell's jobs in one pool; plot.py
+refusal of bad values before anything is written (lab.cli.check_sweep). lab/runner.py trains every cell's jobs in one pool; plot.py
 draws the phase diagrams (lab/phases.py)."""
 
 import dataclasses
@@ -8,14 +8,15 @@ import itertools
 import os
 import typing
 
+from lab.config import RUNTIME_FIELDS, flag_type
 from lab.files import write_json
 from lab.plugins import UsageError
 from lab.schema import cell_name
 
 # Fields a sweep may not vary, and why: the rest change the trained numbers.
 NOT_SWEPT = {
-    "out_dir": "it is where the sweep goes", "workers": "it changes no number", "overwrite": "it changes no number",
-    "progress": "it changes no number", "sweep": "a sweep cannot hold a sweep",
+    **{field: "it changes no number" for field in RUNTIME_FIELDS}, "out_dir": "it is where the sweep goes",
+    "sweep": "a sweep cannot hold a sweep",
     "seeds": "every cell runs seeds 0 .. seeds-1; set --seeds", "ops": "every cell runs every op; set --ops",
     "preset": "a preset sets many fields; run one sweep per preset (--preset beside --sweep)",
     "plugins": "set --plugins beside --sweep", "capture": "it changes no trained number",
@@ -24,15 +25,12 @@ NOT_SWEPT = {
     "measure_every": "it changes no trained number", "measure_sparse_every": "it changes no trained number",
     "measure_dense_after": "it changes no trained number",
     "batched": "it sets how jobs train, not what they are: set --batched beside --sweep",
-    "ray_address": "it changes no number",
 }
 
 
 def parse(text: str, Config, errors: list | None = None) -> list[tuple[str, tuple]]:
     """[(field, (value, ...)), ...] in the order written. Raises UsageError with one line per problem, or, given
     a list `errors`, appends the lines to it and returns what parsed."""
-    from lab.cli import _flag_type
-
     hints = typing.get_type_hints(Config)
     spec, found = [], [] if errors is None else errors
     for part in text.split():
@@ -52,7 +50,7 @@ def parse(text: str, Config, errors: list | None = None) -> list[tuple[str, tupl
         parsed = []
         for value in values.split(","):
             try:
-                parsed.append(_flag_type(hints[field])(value))
+                parsed.append(flag_type(hints[field])(value))
             except (ValueError, TypeError) as e:
                 found.append(f"--sweep: {field}={value!r} is not a {hints[field].__name__} ({e})")
         if not values or len(parsed) != len(set(parsed)):
@@ -76,27 +74,6 @@ def cells(cfg) -> list[tuple]:
 def cell_config(cfg, cell: tuple):
     """The resolved Config of one cell: its values, no sweep, out_dir its folder."""
     return dataclasses.replace(cfg, **dict(cell), sweep="", out_dir=os.path.join(cfg.out_dir, cell_name(cell)))
-
-
-def check(cfg, E, validate) -> None:
-    """Refuse bad sweep values before anything is written: each value alone, then each cell (for combinations
-    such as d_model and n_heads), one line per problem."""
-    errors = []
-    spec = parse(cfg.sweep, E.Config, errors)  # a value that does not parse, then every one that parses but is bad
-    for field, values in spec:
-        for value in values:
-            try:
-                validate(dataclasses.replace(cfg, sweep="", **{field: value}), E)
-            except UsageError as e:
-                errors.append(f"--sweep {field}={value}: {e}")
-    if not errors:
-        for cell in cells(cfg):
-            try:
-                validate(dataclasses.replace(cfg, sweep="", **dict(cell)), E)
-            except UsageError as e:
-                errors.append(f"--sweep cell {cell_name(cell)}: {e}")
-    if errors:
-        raise UsageError("\n".join(dict.fromkeys(errors)))
 
 
 def write_sweep_json(cfg, path: str) -> None:

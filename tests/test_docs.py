@@ -28,7 +28,7 @@ def test_flags_and_hooks_are_documented_once_from_the_code(tmp_path):
     missing = [f.name for f in dataclasses.fields(E.Config) if f"`--{f.name}`" not in reference]
     assert not missing, f"docs/experiment.md lacks {missing}"
     shutil.copytree(os.path.join(ROOT, "docs"), tmp_path / "docs")
-    regenerate_docs(str(tmp_path))
+    regenerate_docs(str(tmp_path), E)
     for name in ("experiment.md", "plugins.md"):
         assert (tmp_path / "docs" / name).read_text() == open(os.path.join(ROOT, "docs", name)).read(), \
             f"docs/{name} is stale: run python -m lab.cli"

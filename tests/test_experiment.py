@@ -120,7 +120,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 import experiment as E
-from lab import runner
+from lab.job import keep_freed_memory
 
 torch.set_num_threads(1)
 task, cfg = E.make_task("x_plus_y"), E.Config()
@@ -141,7 +141,7 @@ def faults_per_step():
 
 
 default = faults_per_step()
-runner.keep_freed_memory()
+keep_freed_memory()
 print(json.dumps({"default": default, "keep": faults_per_step()}))
 """
 

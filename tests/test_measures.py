@@ -11,7 +11,7 @@ import experiment as E
 from lab import measures as M
 from lab import ops
 from lab.plugins import ProgressMeasures
-from lab.runner import load_model
+from lab.job import load_model
 from conftest import TINY, read_json, run_script
 
 

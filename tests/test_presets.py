@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 import experiment as E
 from lab import cli
-from lab.cli import config_dict
+from lab.config import config_dict
 from lab.files import read_json, write_json
 from lab.plugins import UsageError
 from lab.progress import final_key_progress, phases_and_leads
-from lab.runner import checkpoints, load_model, load_task
+from lab.job import checkpoints, load_model, load_task
 from lab.schema import Job
 from conftest import run_script
 

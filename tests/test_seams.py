@@ -230,7 +230,7 @@ def test_layer_lr_refuses_a_model_whose_names_it_does_not_know():
 def test_plot_measures_a_snapshot_as_the_measures_plugin_measured_it(tmp_path):
     """Same code, same subsamples (the job's split seed), same activations (float32 snapshots): the same numbers."""
     from lab import analysis
-    from lab.cli import config_dict
+    from lab.config import config_dict
     from lab.files import write_json
 
     cfg, _ = train(tmp_path, job=Job("x_plus_y", 1), seeds=2, capture_dtype="float32")
