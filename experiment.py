@@ -18,9 +18,7 @@ research plugins and the metrics) is in the package lab/ beside this file.
 import math
 import os
 import shutil
-import signal
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +28,14 @@ import torch.nn.functional as F
 if __name__ in ("__main__", "__mp_main__"):  # plugin files `import experiment`: give them this very module
     sys.modules.setdefault("experiment", sys.modules[__name__])
 
-from lab import runner  # noqa: E402
-from lab.files import write_jsonl  # noqa: E402
-from lab.job import STOP, device_of, save_checkpoint, write_examples, write_job  # noqa: E402
+from lab import loop, runner  # noqa: E402
+from lab.job import device_of, write_examples  # noqa: E402
 from lab.ops import Op, Task, additive, build_task, compose, inverses, modular, multiplicative  # noqa: E402
-from lab.ops import permutation_group  # noqa: E402
+from lab.ops import POWER_OPS, permutation_group  # noqa: E402
+from lab.presets import REFERENCE_SETUPS  # noqa: E402
 from lab.plugins import (RESEARCH_PLUGINS, Plugin, PluginError, PluginHooks, Run, UsageError,  # noqa: E402
                          check_model, forward_hooks, load_plugin_file)
-from lab.schema import EXAMPLES, GROKKED_ABOVE, LOG, Job, job_dir  # noqa: E402
+from lab.schema import EXAMPLES, Job, job_dir  # noqa: E402
 
 # The plugins every run gets, in order: names in PLUGINS (capture, measures, norms, fourier, rqi: lab/plugins.py;
 # grokfast, xavier_init, layer_lr, swap_operands, step_val_acc_95: below) or paths to .py files. capture saves
@@ -108,27 +106,9 @@ class Config:
     progress: str = "auto"  # auto (a bar on a terminal, plain lines otherwise), bar, lines or none
 
 
-# The reference setups (--preset=NAME, or the preset field above): each replaces the defaults with its paper's
-# values (read from its public code); flags replace those again. config.json records the preset and every value.
-PRESETS = {
-    "ais2024": {},  # the AI-Scientist grokking template: the defaults above
-    "power2022": {  # Power et al. 2022 (openai/grok); weight decay 1, the paper's best, not the code's default 0
-        "ops": ("x_div_y",), "activation": "relu", "weight_decay": 1.0, "warmup_steps": 10, "batch_size": 0,
-        "steps": 100_000, "eval_every": 100, "measure_every": 100, "stop_at_val_acc": 0.99},
-    "nanda2023": {  # Nanda et al. 2023 (progress-measures-paper): 1 layer, no LayerNorm, full batch
-        "ops": ("x_plus_y",), "p": 113, "train_frac": 0.3, "num_layers": 1, "norm": "none", "activation": "relu",
-        "op_token": False, "sampler": "full", "weight_decay": 1.0, "warmup_steps": 10, "steps": 40_000,
-        "init": "nanda", "eval_every": 100, "measure_every": 100, "checkpoint_every": 200},
-    "grokfast2024": {  # Lee et al. 2024 (ironjr/grokfast main.py), its baseline: Adam, no weight decay
-        "ops": ("x_times_y",), "norm": "pre", "optimizer": "adam", "weight_decay": 0.0, "warmup_steps": 10,
-        "steps": 100_000, "stop_at_val_acc": 0.95, "grokfast_filter": "ema", "grokfast_alpha": 0.98,
-        "grokfast_lamb": 2.0},
-    "prieto2025": {  # Prieto et al. 2025, their transformer runs (Fig. 6): full batch, no weight decay, no warm-up;
-        # switch the cure on with --loss=stablemax or --optimizer=perp_adamw
-        "ops": ("x_plus_y",), "p": 113, "train_frac": 0.4, "num_layers": 1, "norm": "none", "activation": "relu",
-        "op_token": False, "sampler": "full", "weight_decay": 0.0, "schedule": "constant", "steps": 5000,
-        "eval_every": 100, "measure_every": 100},
-}
+# The reference setups (--preset=NAME): lab/presets.py, one entry a paper; a new one is one entry there, or here:
+# PRESETS["mine"] = {"p": 113, ...}.
+PRESETS = dict(REFERENCE_SETUPS)
 
 
 # ----------------------------------------------------------------------------- ops
@@ -141,20 +121,7 @@ OPS = {op.name: op for op in (
     Op("x_minus_y", "(x - y) mod p", modular(lambda a, b, p: a - b), additive(-1)),
     Op("x_plus_y", "(x + y) mod p", modular(lambda a, b, p: a + b), additive(1)),
     Op("permutation", "a o b in S_k", permutation_group(compose)),
-    # Power et al. 2022's other binary ops (openai/grok, grok/data.py)
-    Op("x_times_y", "x * y mod p (y != 0, as Grokfast's)", modular(lambda a, b, p: a * b, b_from=1),
-       multiplicative(1)),
-    Op("x2_plus_y", "(x^2 + y) mod p", modular(lambda a, b, p: a * a + b)),
-    Op("x3_plus_y", "(x^3 + y) mod p", modular(lambda a, b, p: a ** 3 + b)),
-    Op("x2_plus_y2", "(x^2 + y^2) mod p", modular(lambda a, b, p: a * a + b * b)),
-    Op("x2_xy_y2", "(x^2 + xy + y^2) mod p", modular(lambda a, b, p: a * a + a * b + b * b)),
-    Op("x2_xy_y2_x", "(x^2 + xy + y^2 + x) mod p", modular(lambda a, b, p: a * a + a * b + b * b + a)),
-    Op("x3_xy", "(x^3 + xy) mod p", modular(lambda a, b, p: a ** 3 + a * b)),
-    Op("x3_xy2_y", "(x^3 + xy^2 + y) mod p", modular(lambda a, b, p: a ** 3 + a * b * b + b)),
-    Op("x_floordiv_y_or_minus", "x // y if y is odd, else (x - y) mod p",
-       modular(lambda a, b, p: torch.where(b % 2 == 1, a // b.clamp(min=1), a - b))),
-    Op("permutation_conj", "a o b o a^-1 in S_k", permutation_group(lambda a, b: compose(compose(a, b), a.argsort(1)))),
-    Op("permutation_aba", "a o b o a in S_k", permutation_group(lambda a, b: compose(compose(a, b), a))),
+    *POWER_OPS,  # Power et al. 2022's other binary ops (lab/ops.py)
 )}
 
 
@@ -409,6 +376,10 @@ def adamw(params, cfg: Config) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
+def adam(params, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
 def orthogonal_gradients(optimizer, args, kwargs):
     """⊥Grad (Prieto et al. 2025), before each step: every gradient minus its projection on its own weight,
     rescaled to the gradient's norm, so that no update just scales the weights up."""
@@ -428,8 +399,7 @@ def perp_adamw(params, cfg: Config) -> torch.optim.Optimizer:
 
 OPTIMIZERS = {  # name -> (parameters or groups, cfg) -> optimizer
     "adamw": adamw,  # decoupled weight decay
-    "adam": lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                                 weight_decay=cfg.weight_decay),  # weight decay as an L2 gradient
+    "adam": adam,  # weight decay as an L2 gradient
     "perp_adamw": perp_adamw,
 }
 # name -> cfg -> multiplier of lr at scheduler step s (update s + 1 uses it). The template's: min(s / warmup, 1).
@@ -668,70 +638,50 @@ def final_info_of(run: Run, step_val_acc_99: int | None) -> dict:
     }
 
 
-def train_one(cfg: Config, job: Job, report=None) -> dict:
-    """Train one job (an op, a seed, and Config overrides); write its folder, then its final_info file.
-    (lab/batched.py trains many jobs at once by this loop; change it and they train here, one by one.)"""
-    run = prepare(cfg, job)
-    cfg, hooks, model, device, autocast, loss_fn = run.cfg, run.hooks, run.model, run.device, run.autocast, run.loss
-    x_train, y_train, x_val, y_val = run.x_train, run.y_train, run.x_val, run.y_val
+def make_update(run: Run):
+    """One model's training step, where most ideas go (a loss term, gradient clipping, another optimizer): the
+    optimizer and schedule are made here (run.optimizer), and update(step) does one update on a sampled batch and
+    returns (its mean loss, correct answers, rows, the learning rate it used). lab/loop.py calls it every step; a
+    batch of models (--batched) runs lab.batched.StackedUpdate instead, and only while this function is the one it
+    mirrors (lab.batched.why_not says so in one line)."""
+    cfg, hooks, model = run.cfg, run.hooks, run.model
     groups = [g for g in hooks.param_groups(run) if g is not None]
     if len(groups) > 1:
-        raise PluginError(f"{len(groups)} plugins return parameter groups for {job.op} seed {job.seed}; one may")
+        raise PluginError(f"{len(groups)} plugins return parameter groups for {run.op} seed {run.seed}; one may")
     run.optimizer = optimizer = OPTIMIZERS[cfg.optimizer](groups[0] if groups else model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[cfg.schedule](cfg))
-    sample = SAMPLERS[cfg.sampler](len(y_train), cfg, device, run.seeds["batch_seed"])
-    log_path = os.path.join(run.out_dir, LOG)
-    hooks.on_train_begin(run)
+    sample = SAMPLERS[cfg.sampler](len(run.y_train), cfg, run.device, run.seeds["batch_seed"])
 
-    capture_names = tuple(model.capture_modules.values())  # kept at every evaluation, for run.all_outputs()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = rows = 0
-    step_val_acc_99 = None
-    start = time.perf_counter()
-    model.train()
-    for step in range(1, cfg.steps + 1):
-        if STOP.is_set():  # a stop signal arrived in a child: unwind here, at a known point
-            raise SystemExit(128 + signal.SIGTERM)
-        run.step = step
+    def update(step: int):
         lr_used = scheduler.get_last_lr()[0]
         batch = sample(step)
-        xb, yb = hooks.transform_batch(run, step, x_train[batch], y_train[batch])  # x_val never passes here
-        with autocast():
+        xb, yb = hooks.transform_batch(run, step, run.x_train[batch], run.y_train[batch])  # x_val never passes here
+        with run.autocast():
             logits = model(xb)
-        loss = loss_fn(logits.float(), yb)
+        loss = run.loss(logits.float(), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         hooks.on_after_backward(run, step)
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach()
-        correct += (logits.detach().argmax(-1) == yb).sum()
-        seen += 1
-        rows += len(yb)
-        hooks.on_step_end(run, step)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_loss, val_acc, run.eval_outputs = run.evaluate(x_val, y_val, capture_names)
-            run.eval_step = step
-            metrics = {"step": step, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / rows,
-                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr_used}
-            loss_sum.zero_(), correct.zero_()
-            seen = rows = 0
-            if step_val_acc_99 is None and val_acc > GROKKED_ABOVE:
-                step_val_acc_99 = step
-            hooks.on_eval(run, step, metrics)
-            run.history.append(metrics)
-            if report:
-                report(job, step, metrics)
-            if step % cfg.capture_every == 0:  # keep the log of a long run readable while it trains
-                write_jsonl(log_path, run.history)
-            if val_acc > cfg.stop_at_val_acc:
-                break
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_checkpoint(run, step)
-    final_info = final_info_of(run, step_val_acc_99)
-    hooks.on_train_end(run, final_info)
-    return write_job(cfg, job, run, final_info, time.perf_counter() - start)
+        return loss.detach(), (logits.detach().argmax(-1) == yb).sum(), len(yb), lr_used
+
+    return update
+
+
+def train_one(cfg: Config, job: Job, report=None) -> dict:
+    """Train one job (an op, a seed, and Config overrides); write its folder, then its final_info file. The loop
+    (evaluation schedule, log, grokking step, checkpoints, files) is lab/loop.py's, shared with batched training."""
+    run = prepare(cfg, job)
+    update = make_update(run)
+
+    def validate(step: int):  # the whole validation split; keeps the captured modules for run.all_outputs()
+        keep = tuple(run.model.capture_modules.values())
+        val_loss, val_acc, run.eval_outputs = run.evaluate(run.x_val, run.y_val, keep)
+        run.eval_step = step
+        return val_loss, val_acc
+
+    return loop.train([run], loop.OneModel(update, validate), final_info_of, report)[0]
 
 
 if __name__ == "__main__":

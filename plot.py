@@ -35,6 +35,7 @@ from lab.analysis import (LEADLAG_HALF_WIDTH, Pair, completion, describe_grokkin
                           grok_summary, is_trivial, leadlag_end, leadlag_table, load_snapshot, mean_stderr,
                           measure_label, measure_series, phase_snapshots, reads_tag, read_examples, read_log, warn)
 from lab.files import atomic_write, read_json  # noqa: E402
+from lab.projection import aligned_frames, centroid_axes  # noqa: E402
 from lab.schema import FINAL_KEYS, LAYERS, METRIC_SPLITS, METRIC_TITLES, MODEL_MEASURES  # noqa: E402
 
 # Run folders -> legend names. Empty: every run_* folder under its own name.
@@ -148,42 +149,10 @@ def class_cycle(op: str, n_classes: int):
     return None if spec is None or spec.cycle is None else np.array(spec.cycle(n_classes)[1])
 
 
-def centroid_axes(x: np.ndarray, y: np.ndarray, op: str, freq=None):
-    """(mean (d,), 2 axes (2, d), their share of the centroids' variance, a description, the frequency used).
-
-    The axes describe how the answer classes are arranged rather than where most of the pairs' variance lies.
-    For the cyclic ops: the plane of the class centroids' strongest Fourier frequency k over the group order (or
-    `freq`), on which a Fourier representation is a ring; otherwise the centroids' two principal axes."""
-    classes, inverse = np.unique(y, return_inverse=True)
-    centroids = np.zeros((len(classes), x.shape[1]))
-    np.add.at(centroids, inverse, x)
-    centroids /= np.bincount(inverse)[:, None]
-    mean = centroids.mean(0)
-    centred = centroids - mean
-    total = max((centred ** 2).sum(), 1e-30)
-    cycle = class_cycle(op, int(y.max()) + 1)
-    if cycle is not None and len(classes) == int(y.max()) + 1:
-        spectrum = np.fft.fft(centred[cycle], axis=0)  # (m, d): row k is frequency k over the group order
-        power = (np.abs(spectrum[1: len(cycle) // 2 + 1]) ** 2).sum(1)
-        k = int(freq) if freq is not None else int(power.argmax()) + 1
-        first = spectrum[k].real / max(np.linalg.norm(spectrum[k].real), 1e-30)
-        second = spectrum[k].imag - (spectrum[k].imag @ first) * first
-        if np.linalg.norm(second) < 1e-6 * np.linalg.norm(spectrum[k].real):  # k = m/2: a line (+1, -1, ...), not
-            rest = centred - np.outer(centred @ first, first)  # a plane: add the centroids' main other direction
-            second = np.linalg.svd(rest, full_matrices=False)[2][0]
-        plane = np.stack([first, second / np.linalg.norm(second)], axis=1)  # (d, 2) orthonormal
-        directions = plane.T
-        share = ((centred @ plane) ** 2).sum(0) / total
-        return mean, directions, share, f"centroids' Fourier plane k={k}", k
-    _, singular, directions = np.linalg.svd(centred, full_matrices=False)
-    return mean, directions[:2], singular[:2] ** 2 / total, "centroids' principal axes", None
-
-
 def projection_gif(pair: Pair, layer: str, module: str, y, is_train, settings: Settings, out_dir: str) -> list:
-    """proj_{run}_{op}_{layer}.gif: the class-centroid projection through every snapshot, in one frame: each
-    snapshot's projection is scaled to unit root-mean-square radius and rotated (orthogonal Procrustes on the
-    centroids) onto the final snapshot's, so that motion in the GIF is motion of the representation, not of
-    the axes."""
+    """proj_{run}_{op}_{layer}.gif: the class-centroid projection through every snapshot, aligned onto the final
+    one (lab.projection.aligned_frames), so that motion in the GIF is motion of the representation, not of the
+    axes."""
     from matplotlib.animation import FuncAnimation, PillowWriter
 
     rng = np.random.RandomState(settings.seed)
@@ -196,24 +165,8 @@ def projection_gif(pair: Pair, layer: str, module: str, y, is_train, settings: S
             warn(f"{snap['path']} unreadable ({type(e).__name__}); left out of the animation")
     if len(loaded) < 2:
         return []
-    *_, axes_name, freq = centroid_axes(loaded[-1][1], y, pair.op)  # one plane for every frame: the final one's
     cycle = class_cycle(pair.op, int(y.max()) + 1)
-    frames = []
-    for snap, x in loaded:
-        mean, directions, share, _, _ = centroid_axes(x, y, pair.op, freq)
-        classes, inverse = np.unique(y, return_inverse=True)
-        points = (x - mean) @ directions.T  # (n, 2)
-        centroids = np.zeros((len(classes), 2))
-        np.add.at(centroids, inverse, points)
-        centroids /= np.bincount(inverse)[:, None]
-        scale = max(np.sqrt((points ** 2).sum(1).mean()), 1e-12)  # unit spread: frames compare by shape
-        frames.append((snap, points[shown] / scale, centroids / scale, share))
-    reference = frames[-1][2]
-    aligned = []
-    for snap, points, centroids, share in frames:
-        u, _, vt = np.linalg.svd(centroids.T @ reference)
-        rotation = u @ vt  # orthogonal (2, 2) minimising |centroids @ R - reference|
-        aligned.append((snap, points @ rotation, centroids @ rotation, share))
+    aligned, axes_name, freq = aligned_frames(loaded, y, cycle, shown)
     limit = np.percentile(np.abs(np.concatenate([a[1] for a in aligned])), 99) * 1.1
     n_classes = int(y.max()) + 1
     fig, ax = plt.subplots(figsize=(5, 5.3))
@@ -289,7 +242,7 @@ def representation_figures(pair: Pair, settings: Settings, out_dir: str) -> list
         fig, axes = plt.subplots(2, len(loaded), figsize=(4.2 * len(loaded), 8.8), squeeze=False)
         for ax, plain, (label, snap, tensors) in zip(axes[0], axes[1], loaded):
             x = tensors[module]
-            mean, directions, share, axes_name, freq = centroid_axes(x, y, pair.op)
+            mean, directions, share, axes_name, freq = centroid_axes(x, y, class_cycle(pair.op, int(y.max()) + 1))
             scatter_panel(ax, (x[shown] - mean) @ directions.T, y[shown], is_train[shown], pair.op, n_classes, freq)
             ax.set_title(f"{label}: step {snap['step']}, val acc {snap['val_acc']:.2f}\n"
                          f"{axes_name}: {100 * share.sum():.1f}% of their variance", fontsize=8)

@@ -14,14 +14,14 @@ gives the tolerance). Config.batched chooses: off, on, or auto (AUTO below: batc
 docs/batched.md.
 """
 
+import ast
 import dataclasses
 import hashlib
 import inspect
-import os
 import shutil
-import signal
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -30,11 +30,9 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lab import sweep
-from lab.files import write_jsonl
-from lab.job import STOP, deterministic_on, device_of, keep_freed_memory, save_checkpoint, write_job
+from lab import loop, sweep
+from lab.job import deterministic_on, device_of, keep_freed_memory
 from lab.plugins import Plugin
-from lab.schema import GROKKED_ABOVE, LOG
 
 PER_MODEL = ("lr", "weight_decay", "train_frac", "init_scale")  # Config fields that may differ inside one batch
 # --batched=auto: device type -> batch? A rule, not a timing taken at run time: a timing near a tie would make
@@ -42,22 +40,34 @@ PER_MODEL = ("lr", "weight_decay", "train_frac", "init_scale")  # Config fields 
 # whole-run measurements (docs/batched.md, "Speed").
 AUTO = {"cuda": True, "cpu": False}
 
-# The source of experiment.train_one and of the optimizers that train_group mirrors. An edited train_one (a new
-# loss term, gradient clipping) would not reach a batch: its jobs then train one by one, with a line saying so.
-# tests/test_batched.py fails when these change, so that whoever changes them updates train_group too.
-MIRRORED = {"train_one": "1b64ebfcfa", "adamw": "82d65da388", "adam": "9f381a3df1", "perp_adamw": "35f47c1769"}
+# What StackedUpdate mirrors: experiment.make_update (one model's step) and the optimizers, as fingerprints of their
+# code (comments, docstrings and layout left out: only a change to what runs counts). An edited step (a new loss
+# term, gradient clipping) would not reach a batch: its jobs then train one by one, with a line saying so. The loop
+# around the step (lab/loop.py) is shared, so nothing else of experiment.py needs mirroring. tests/test_batched.py
+# fails when these change, so that whoever changes them updates StackedUpdate too.
+MIRRORED = {"make_update": "6646c97308", "adamw": "f3112aa80c", "adam": "abd6b96e21", "perp_adamw": "7d8f1746e2"}
 
 
-def fingerprint(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()[:10]
+def fingerprint(functions: list) -> str:
+    """What the functions run, as a hash of their syntax trees without docstrings: a comment, a blank line or a
+    docstring changes nothing."""
+    parts = []
+    for function in functions:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))  # a def (a lambda has no source of its own)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        parts.append(ast.dump(tree))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
 def mirrored_sources(E) -> dict:
-    """name -> fingerprint of the source that train_group mirrors, as it is now in experiment.py."""
-    mirrored = {"train_one": [E.train_one], "adamw": [E.adamw], "adam": [E.OPTIMIZERS["adam"]],
+    """name -> fingerprint of the code that StackedUpdate mirrors, as it is now in experiment.py."""
+    mirrored = {"make_update": [E.make_update], "adamw": [E.adamw], "adam": [E.OPTIMIZERS["adam"]],
                 "perp_adamw": [E.perp_adamw, E.orthogonal_gradients, E.adamw]}
-    return {name: fingerprint("".join(inspect.getsource(f) for f in functions))
-            for name, functions in mirrored.items()}
+    return {name: fingerprint(functions) for name, functions in mirrored.items()}
 
 
 def unbatchable_plugins(classes: list) -> list:
@@ -77,7 +87,7 @@ def why_not(E, cfg) -> str | None:
         return (f"plugin {', '.join(getattr(c, 'name', c.__name__) for c in plugins)} is written for one model "
                 "(a plugin that can train in a batch sets batchable = True; docs/plugins.md)")
     now = mirrored_sources(E)
-    changed = [name for name in ("train_one", cfg.optimizer) if now[name] != MIRRORED[name]]
+    changed = [name for name in ("make_update", cfg.optimizer) if now[name] != MIRRORED[name]]
     if changed:
         return (f"experiment.py's {', '.join(changed)} differs from what lab/batched.py mirrors, so a batch "
                 "would not run the change")
@@ -276,91 +286,51 @@ def train_group(E, cfg, jobs: list, report=None, ghosts: tuple = ()) -> list:
 
 
 def _train_group(E, cfg, jobs: list, report, ghosts: tuple, scratch) -> list:
-    start = time.perf_counter()
     deterministic_on(device_of(cfg))
     runs = [E.prepare(dataclasses.replace(cfg, out_dir=scratch) if job in ghosts else cfg, job) for job in jobs]
     for k, run in enumerate(runs):
         run.batch = (k, len(runs))
-    cfgs = [run.cfg for run in runs]
-    cfg0, device = cfgs[0], runs[0].device
-    stack = Stack([run.model for run in runs])
-    optimizer = BATCHED_OPTIMIZERS[cfg0.optimizer](list(stack.params.values()), cfgs)
-    schedule = E.SCHEDULES[cfg0.schedule](cfg0)
-    samplers = [E.SAMPLERS[c.sampler](len(run.y_train), c, device, run.seeds["batch_seed"])
-                for c, run in zip(cfgs, runs)]
-    loss_fn = runs[0].loss
-    autocast = runs[0].autocast
-    for run in runs:
-        run.hooks.on_train_begin(run)
+    return loop.train(runs, StackedUpdate(E, runs), E.final_info_of, report, quiet=ghosts)
 
-    x_val, n_val = pad_rows([run.x_val for run in runs])
-    y_val, _ = pad_rows([run.y_val for run in runs])
-    active = list(range(len(runs)))  # runs[active[i]] is row i of the stack
-    loss_sum = torch.zeros(len(runs), device=device)
-    correct = torch.zeros(len(runs), device=device, dtype=torch.long)
-    seen = rows = 0
-    first_grok = [None] * len(runs)
-    records = [None] * len(runs)
-    for step in range(1, cfg0.steps + 1):
-        if STOP.is_set():  # a stop signal: unwind at a known point, as train_one does
-            raise SystemExit(128 + signal.SIGTERM)
-        lr_multiplier = schedule(step - 1)  # the LambdaLR factor of update `step` in train_one
-        picked = [samplers[k](step) for k in active]
-        xb = torch.stack([runs[k].x_train[rows_k] for k, rows_k in zip(active, picked)])
-        yb = torch.stack([runs[k].y_train[rows_k] for k, rows_k in zip(active, picked)])
-        for k in active:
-            runs[k].step = step
-        with autocast():
-            logits = stack(xb)
-        losses = vmap(loss_fn)(logits.float(), yb)  # (K,): each model's own mean loss
+
+class StackedUpdate:
+    """The `steps` of lab/loop.py for a batch: experiment.make_update's update, for every model at once (the stack's
+    forward, each model's own loss, one backward, BatchedAdam), and one evaluation pass for all."""
+
+    def __init__(self, E, runs: list):
+        self.runs, self.cfgs = runs, [run.cfg for run in runs]
+        cfg0, device = self.cfgs[0], runs[0].device
+        self.stack = Stack([run.model for run in runs])
+        self.optimizer = BATCHED_OPTIMIZERS[cfg0.optimizer](list(self.stack.params.values()), self.cfgs)
+        self.schedule = E.SCHEDULES[cfg0.schedule](cfg0)
+        self.samplers = [E.SAMPLERS[c.sampler](len(run.y_train), c, device, run.seeds["batch_seed"])
+                         for c, run in zip(self.cfgs, runs)]
+        self.loss_fn, self.autocast = runs[0].loss, runs[0].autocast
+        self.x_val, self.n_val = pad_rows([run.x_val for run in runs])
+        self.y_val, _ = pad_rows([run.y_val for run in runs])
+
+    def __call__(self, step: int, active: list):
+        lr_multiplier = self.schedule(step - 1)  # the LambdaLR factor of update `step` in make_update
+        picked = [self.samplers[k](step) for k in active]
+        xb = torch.stack([self.runs[k].x_train[rows_k] for k, rows_k in zip(active, picked)])
+        yb = torch.stack([self.runs[k].y_train[rows_k] for k, rows_k in zip(active, picked)])
+        with self.autocast():
+            logits = self.stack(xb)
+        losses = vmap(self.loss_fn)(logits.float(), yb)  # (K,): each model's own mean loss
         losses.sum().backward()  # a model's parameters get the gradient of its own loss only
-        optimizer.step(lr_multiplier)
-        loss_sum += losses.detach()
-        correct += (logits.detach().argmax(-1) == yb).sum(-1)
-        seen += 1
-        rows += yb.shape[1]
-        for k in active:
-            runs[k].hooks.on_step_end(runs[k], step)
-        finished = []
-        if step % cfg0.eval_every == 0 or step == cfg0.steps:
-            val_loss, val_acc = evaluate(stack, loss_fn, autocast, x_val[active], y_val[active],
-                                         [n_val[k] for k in active])
-            train_loss, train_correct = [v / seen for v in loss_sum.tolist()], correct.tolist()
-            loss_sum.zero_(), correct.zero_()
-            for i, k in enumerate(active):
-                run = runs[k]
-                # the plugins' run.all_outputs() runs this model's own forward (its val rows too)
-                run.eval_outputs, run.eval_step = {}, None
-                metrics = {"step": step, "train_loss": train_loss[i], "train_acc": train_correct[i] / rows,
-                           "val_loss": val_loss[i], "val_acc": val_acc[i], "lr": cfgs[k].lr * lr_multiplier}
-                if first_grok[k] is None and val_acc[i] > GROKKED_ABOVE:
-                    first_grok[k] = step
-                run.hooks.on_eval(run, step, metrics)
-                run.history.append(metrics)
-                if report and run.job not in ghosts:
-                    report(run.job, step, metrics)
-                if step % cfg0.capture_every == 0:
-                    write_jsonl(os.path.join(run.out_dir, LOG), run.history)
-                if val_acc[i] > cfgs[k].stop_at_val_acc:
-                    finished.append(k)
-            seen = rows = 0
-        if cfg0.checkpoint_every and step % cfg0.checkpoint_every == 0:
-            for k in active:
-                save_checkpoint(runs[k], step)
-        if step == cfg0.steps:
-            finished = list(active)
-        for k in finished:
-            records[k] = finish(E, runs[k], first_grok[k], time.perf_counter() - start)
-        if finished and step < cfg0.steps:
-            keep = [i for i, k in enumerate(active) if k not in finished]
-            active = [active[i] for i in keep]
-            if not active:
-                break
-            index = torch.tensor(keep)
-            stack.keep(index)
-            optimizer.keep(index, list(stack.params.values()))
-            loss_sum, correct = loss_sum[index.to(device)], correct[index.to(device)]
-    return records
+        self.optimizer.step(lr_multiplier)
+        return (losses.detach(), (logits.detach().argmax(-1) == yb).sum(-1), yb.shape[1],
+                [self.cfgs[k].lr * lr_multiplier for k in active])
+
+    def evaluate(self, step: int, active: list):
+        for k in active:  # the plugins' run.all_outputs() runs this model's own forward (its val rows too)
+            self.runs[k].eval_outputs, self.runs[k].eval_step = {}, None
+        return evaluate(self.stack, self.loss_fn, self.autocast, self.x_val[active], self.y_val[active],
+                        [self.n_val[k] for k in active])
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.stack.keep(index)
+        self.optimizer.keep(index, list(self.stack.params.values()))
 
 
 @torch.no_grad()
@@ -379,13 +349,6 @@ def evaluate(stack: Stack, loss_fn, autocast, x: torch.Tensor, y: torch.Tensor, 
         losses.append(loss_fn(logits[k, :n_k], y[k, :n_k]).item())
         accuracies.append((logits[k, :n_k].argmax(-1) == y[k, :n_k]).float().mean().item())
     return losses, accuracies
-
-
-def finish(E, run, step_val_acc_99, seconds: float) -> dict:
-    """A job's final_info and files, as train_one writes them."""
-    final_info = E.final_info_of(run, step_val_acc_99)
-    run.hooks.on_train_end(run, final_info)
-    return write_job(run.cfg, run.job, run, final_info, seconds)
 
 
 # ----------------------------------------------------------------------------- timing (tests/bench_batched.py)

@@ -29,8 +29,12 @@ CONTRACT = {
     "prepare": "(cfg, job) -> lab.plugins.Run, a job ready to train (lab.batched)",
     "final_info_of": "(run, step_val_acc_99) -> final_info (lab.batched)",
     "train_one": "(cfg, job, report) -> the job's record (lab.runner, lab.raycluster)",
+    "make_update": "(run) -> update(step): one model's training step, which lab.batched mirrors",
+    "adamw": "the optimizer whose source lab.batched mirrors", "perp_adamw": "the same",
+    "orthogonal_gradients": "the same",
 }
-CALLABLE = ("Config", "task_of", "build_model", "plugin_classes", "prepare", "final_info_of", "train_one")
+CALLABLE = ("Config", "task_of", "build_model", "plugin_classes", "prepare", "final_info_of", "train_one",
+            "make_update", "adamw", "perp_adamw", "orthogonal_gradients")
 
 
 def check_contract(E) -> None:

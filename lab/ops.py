@@ -134,3 +134,21 @@ def cyclic_coordinates(task: Task, op: Op):
     position[residues] = torch.arange(len(residues))
     rows = torch.nonzero((position[task.a] >= 0) & (position[task.b] >= 0)).flatten()
     return rows, position[task.a[rows]], position[task.b[rows]], len(residues), sign, residues
+
+
+# Power et al. 2022's other binary ops (openai/grok, grok/data.py), beside the four of experiment.py's OPS
+POWER_OPS = (
+    Op("x_times_y", "x * y mod p (y != 0, as Grokfast's)", modular(lambda a, b, p: a * b, b_from=1),
+       multiplicative(1)),
+    Op("x2_plus_y", "(x^2 + y) mod p", modular(lambda a, b, p: a * a + b)),
+    Op("x3_plus_y", "(x^3 + y) mod p", modular(lambda a, b, p: a ** 3 + b)),
+    Op("x2_plus_y2", "(x^2 + y^2) mod p", modular(lambda a, b, p: a * a + b * b)),
+    Op("x2_xy_y2", "(x^2 + xy + y^2) mod p", modular(lambda a, b, p: a * a + a * b + b * b)),
+    Op("x2_xy_y2_x", "(x^2 + xy + y^2 + x) mod p", modular(lambda a, b, p: a * a + a * b + b * b + a)),
+    Op("x3_xy", "(x^3 + xy) mod p", modular(lambda a, b, p: a ** 3 + a * b)),
+    Op("x3_xy2_y", "(x^3 + xy^2 + y) mod p", modular(lambda a, b, p: a ** 3 + a * b * b + b)),
+    Op("x_floordiv_y_or_minus", "x // y if y is odd, else (x - y) mod p",
+       modular(lambda a, b, p: torch.where(b % 2 == 1, a // b.clamp(min=1), a - b))),
+    Op("permutation_conj", "a o b o a^-1 in S_k", permutation_group(lambda a, b: compose(compose(a, b), a.argsort(1)))),
+    Op("permutation_aba", "a o b o a in S_k", permutation_group(lambda a, b: compose(compose(a, b), a))),
+)

@@ -67,6 +67,17 @@ MEMORISED_AT = 0.99  # train acc at least this at an evaluation: memorised
 BEFORE_BELOW = 0.1  # phases by val acc: before (< 0.1), during, after (>= GROKKED_ABOVE)
 
 
+def grokked(val_acc: float) -> bool:
+    """Whether an evaluation's val accuracy counts as grokked: the one definition (the grokking step is the first
+    evaluation where it does)."""
+    return val_acc > GROKKED_ABOVE
+
+
+def memorised(train_acc: float) -> bool:
+    """Whether an evaluation's train accuracy counts as memorised (the memorisation step: the first where it does)."""
+    return train_acc >= MEMORISED_AT
+
+
 def phase_of(val_acc: float) -> str:
     """before (< 0.1), during (0.1 to < 0.99), after (>= 0.99); an unknown accuracy (step 0) is before."""
     if not val_acc >= BEFORE_BELOW:

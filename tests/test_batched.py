@@ -1,7 +1,8 @@
 """Batched training (lab/batched.py) against the sequential path: the same losses to float tolerance, the same
 grokking outcome, no model's numbers depending on another's, every file a sequential run writes, resume of a
-killed batch, and the refusals (a plugin written for one model, an edited train_one)."""
+killed batch, and the refusals (a plugin written for one model, an edited step)."""
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -163,20 +164,36 @@ def test_a_plugin_written_for_one_model_makes_its_jobs_train_one_by_one(tmp_path
     assert json.loads((tmp_path / "r" / "x_plus_y_1" / "log.jsonl").read_text().splitlines()[0])["mine"] == 10
 
 
-def test_train_group_mirrors_the_train_one_in_experiment_py():
-    """lab/batched.py copies train_one's loop and the optimizers' arithmetic: when they change, this fails, so
-    that whoever changes them updates train_group (and then MIRRORED). Until then such jobs train one by one."""
+def test_stacked_update_mirrors_make_update_in_experiment_py():
+    """lab/batched.py's StackedUpdate copies make_update's step and the optimizers' arithmetic (the loop is shared,
+    lab/loop.py): when they change, this fails, so that whoever changes them updates StackedUpdate (and then
+    MIRRORED). Until then such jobs train one by one."""
     assert batched.mirrored_sources(E) == batched.MIRRORED
     assert batched.why_not(E, E.Config()) is None
 
 
-def test_an_edited_train_one_trains_one_by_one(monkeypatch):
-    monkeypatch.setitem(batched.MIRRORED, "train_one", "edited")
-    assert "train_one differs from what lab/batched.py mirrors" in batched.why_not(E, E.Config())
-    monkeypatch.setitem(batched.MIRRORED, "train_one", batched.mirrored_sources(E)["train_one"])
+def test_an_edited_step_trains_one_by_one(monkeypatch):
+    monkeypatch.setitem(batched.MIRRORED, "make_update", "edited")
+    assert "make_update differs from what lab/batched.py mirrors" in batched.why_not(E, E.Config())
+    monkeypatch.setitem(batched.MIRRORED, "make_update", batched.mirrored_sources(E)["make_update"])
     monkeypatch.setitem(batched.MIRRORED, "adam", "edited")
     assert batched.why_not(E, E.Config()) is None  # another optimizer's change does not matter to adamw's jobs
     assert "adam differs" in batched.why_not(E, E.Config(optimizer="adam"))
+
+
+def test_a_comment_or_a_docstring_does_not_change_the_fingerprint_and_code_does(tmp_path):
+    sources = {"a": 'def f(x):\n    """What f does."""\n    return x + 1  # one more\n',
+               "b": "def f(x):\n    # a comment\n\n    return x + 1\n",
+               "c": "def f(x):\n    return x + 2\n"}
+    prints = {}
+    for name, text in sources.items():
+        path = tmp_path / f"mod_{name}.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location(f"mod_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        prints[name] = batched.fingerprint([module.f])
+    assert prints["a"] == prints["b"] != prints["c"]
 
 
 def test_a_killed_batch_resumes_to_the_uninterrupted_results(tmp_path):
