@@ -226,3 +226,23 @@ def test_plan_batches_same_shapes_per_worker_and_auto_is_a_rule_per_device(tmp_p
     grokfast = dataclasses.replace(cfg, plugins=("grokfast",))
     assert not any(u.batched for u in batched.plan(E, grokfast, jobs, workers=2, say=said.append))
     assert len(said) == 1 and "grokfast is written for one model" in said[0]
+
+
+def test_one_by_one_and_batched_stop_and_checkpoint_alike(tmp_path):
+    """One loop (lab/loop.py): a model that stops early writes no checkpoint of its stopping step, in a batch as
+    alone; the one still training keeps its checkpoints."""
+    jobs = [Job("x_plus_y", 0), Job("x_plus_y", 1, (("stop_at_val_acc", 2.0),))]  # the second never stops
+    found = {}
+    for mode in ("batched", "sequential"):
+        cfg = E.Config(out_dir=str(tmp_path / mode), **{**SMALL, "steps": 30, "eval_every": 10,
+                                                         "checkpoint_every": 10, "stop_at_val_acc": -1.0})
+        if mode == "batched":
+            batched.train_group(E, cfg, jobs)
+        else:
+            for job in jobs:
+                E.train_one(cfg, job)
+        found[mode] = [sorted(os.listdir(os.path.join(E.job_dir(cfg.out_dir, job), "checkpoints")))
+                       if os.path.isdir(os.path.join(E.job_dir(cfg.out_dir, job), "checkpoints")) else []
+                       for job in jobs]
+    assert found["batched"] == found["sequential"]
+    assert found["sequential"][0] == [] and len(found["sequential"][1]) == 3
