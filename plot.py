@@ -36,7 +36,7 @@ from lab.analysis import (LEADLAG_HALF_WIDTH, Pair, completion, describe_grokkin
                           measure_label, measure_series, phase_snapshots, reads_tag, read_examples, read_log, warn)
 from lab.files import atomic_write, read_json  # noqa: E402
 from lab.projection import aligned_frames, centroid_axes  # noqa: E402
-from lab.schema import FINAL_KEYS, LAYERS, METRIC_SPLITS, METRIC_TITLES, MODEL_MEASURES  # noqa: E402
+from lab.schema import FINAL_KEYS, GROKKED_ABOVE, LAYERS, METRIC_SPLITS, METRIC_TITLES, MODEL_MEASURES  # noqa: E402
 
 # Run folders -> legend names. Empty: every run_* folder under its own name.
 labels = {}
@@ -483,7 +483,7 @@ def progress_figure(run: str, op: str, pairs: list, rows: list, leadlag: list, o
         if t["layer"] == "log" and t["split"] == "val" and t["measure"] == "acc":
             tick.set_fontweight("bold")
             tick.set_color("crimson")
-    ax.set_xlabel("update step relative to each seed's grokking step (val acc > 0.99)")
+    ax.set_xlabel(f"update step relative to each seed's grokking step (val acc > {GROKKED_ABOVE})")
     fig.colorbar(mesh, ax=ax, fraction=0.03, pad=0.01).set_label("share of the change completed (0 to 1)")
     means = np.array([t["lead_mean"] for t in table])
     errs = np.array([[m - t["lead_lo"], t["lead_hi"] - m] if t["n"] > 1 else [0, 0] for m, t in zip(means, table)]).T

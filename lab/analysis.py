@@ -14,9 +14,9 @@ import numpy as np
 
 from lab import measures, onset, stats
 from lab.files import read_json, write_json
-from lab.schema import (ACTIVATIONS, CONFIG, EXAMPLES, FINAL_KEYS, GROKKED_ABOVE, INDEX, LOG, LOG_MEASURES, LOG_METRICS,
-                        LAYERS, MEASURES, MEMORISED_AT, METRIC_SPLITS, PLUGIN_FILES, RUN, Job, final_info_file,
-                        is_predictor, job_dir, phase_of, reads)
+from lab.schema import (ACTIVATIONS, CONFIG, EXAMPLES, FINAL_KEYS, INDEX, LOG, LOG_MEASURES, LOG_METRICS, LAYERS,
+                        MEASURES, METRIC_SPLITS, PLUGIN_FILES, RUN, Job, final_info_file, grok_step, half_step,
+                        is_predictor, job_dir, memorisation_step, phase_of, reads)
 
 PHASES = ("before", "during", "after")
 
@@ -42,16 +42,16 @@ class Pair:
 
     @property
     def grok_step(self):
-        """step_val_acc_99, or None where val accuracy never exceeded 0.99."""
+        """step_val_acc_99, or None where val accuracy never grokked (lab.schema.grokked)."""
         reached = self.final.get("step_val_acc_99") if self.final is not None else None
         if isinstance(reached, (int, float)) and not isinstance(reached, bool):
             return reached if self.final.get("grokked", True) else None
         # unfinished, or an odd final_info
-        return next((r["step"] for r in self.log if r["val_acc"] > GROKKED_ABOVE), None)
+        return grok_step(self.log)
 
     @property
     def memorisation_step(self):
-        return next((r["step"] for r in self.log if r["train_acc"] >= MEMORISED_AT), None)
+        return memorisation_step(self.log)
 
 
 def read_log(path: str, required=("step", "train_acc", "val_acc")) -> list:
@@ -502,8 +502,9 @@ def half_inside_band(half_step, band_end) -> bool:
 def leadlag_rows(pairs: list, rows: list) -> tuple[list, list]:
     """(rows of leadlag.csv, seeds left out): per grokked seed and measure, its onset (the first step it leaves its
     post-memorisation band, lab.onset) and onset_lead = val accuracy's onset minus the measure's (positive: the
-    measure moves first; none in a seed that is half-way inside its band, half_inside_band); and, secondary, t10/t50/t90 from its memorisation step to the end (leadlag_end) with
-    t50_lead = val accuracy's t50 - the measure's t50."""
+    measure moves first; none in a seed that is half-way inside its band, half_inside_band); and, secondary,
+    t10/t50/t90 from its memorisation step to the end (leadlag_end) with t50_lead = val accuracy's t50 - the
+    measure's t50."""
     out, left_out = [], []
     for pair in pairs:
         if pair.grok_step is None or pair.memorisation_step is None:
@@ -517,7 +518,7 @@ def leadlag_rows(pairs: list, rows: list) -> tuple[list, list]:
         started = onsets(series, grid)
         val_onset = started.get(("log", "val", "acc"))
         band_end = float(grid[onset.BAND - 1]) if len(grid) >= onset.BAND else None
-        half = next((r["step"] for r in pair.log if r["val_acc"] >= 0.5), None)
+        half = half_step(pair.log)
         if half_inside_band(half, band_end):
             val_onset = None  # already half-way before its band ends: no onset times the start of its rise
         if reference is None and val_onset is None:

@@ -24,9 +24,8 @@ import numpy as np
 
 from lab import onset, stats
 from lab.analysis import measure_label, measure_rows, measure_series, measurement_grid, read_examples
-from lab.schema import is_predictor, reads
+from lab.schema import HALF_AT as HALF, half_step, is_predictor, reads
 
-HALF = 0.5  # val accuracy's half-way mark: the event an alarm must precede
 LEVELS = (1, 1.5, 2, 3, 5, 8, 13, 20, 30, 50, 100)  # alarm levels, in band half-widths
 OFFSETS = (200, 500, 1000)  # steps after memorisation at which the concordance reads each measure
 PRIMARY = 500  # the offset that ranks the measures
@@ -122,7 +121,7 @@ def warn_run(pair, cell: str, config: dict, chance) -> WarnRun | None:
     grid = measurement_grid(pair, rows, mem)
     series = {k: onset.grid_values(steps, values, grid) for k, (steps, values) in measure_series(pair, rows).items()
               if k != ("log", "train", "acc")}
-    half = next((r["step"] for r in pair.log if r["val_acc"] >= HALF), None)
+    half = half_step(pair.log)
     tail = float(np.median([r["val_acc"] for r in pair.log[-max(1, len(pair.log) // 10):]]))
     rising = chance is not None and tail > CHANCE_TIMES * chance
     return WarnRun(pair.op, cell, pair.seed, mem, half, pair.grok_step, pair.log[-1]["step"], grid, series,

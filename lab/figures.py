@@ -17,6 +17,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from lab.earlywarning import FAMILIES, PRIMARY  # noqa: E402
 from lab.files import atomic_write  # noqa: E402
 from lab.phases import GROK_DELAY_RATIO, PHASES  # noqa: E402
+from lab.schema import GROKKED_ABOVE, MEMORISED_AT  # noqa: E402
 
 
 def save(fig, path: str) -> None:
@@ -28,9 +29,10 @@ def save(fig, path: str) -> None:
 
 
 PHASE_COLORS = {"no fit": "#9e9e9e", "memorise": "#d62728", "grok": "#1f77b4", "fit": "#2ca02c", "mixed": "#f2c14e"}
-PHASE_STATS = [("share_grokked", "share of seeds with val acc > 0.99 (grok or fit)", "viridis", "{:.2f}"),
-               ("grok_step_mean", "step val acc > 0.99 (over those seeds)", "magma_r", "{:.0f}"),
-               ("delay_mean", "memorisation-to-val-acc-0.99 delay (steps; those seeds)", "magma_r", "{:.0f}"),
+PHASE_STATS = [("share_grokked", f"share of seeds with val acc > {GROKKED_ABOVE} (grok or fit)", "viridis", "{:.2f}"),
+               ("grok_step_mean", f"step val acc > {GROKKED_ABOVE} (over those seeds)", "magma_r", "{:.0f}"),
+               ("delay_mean", f"memorisation-to-val-acc-{GROKKED_ABOVE} delay (steps; those seeds)", "magma_r",
+                "{:.0f}"),
                ("final_val_acc_mean", "final val accuracy", "viridis", "{:.2f}")]
 
 
@@ -52,8 +54,9 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
     """A sweep's phase diagram of one op: the phase of every cell (phase_map_*) and four heatmaps (phase_stats_*),
     each cell annotated with its number and n; a 1-D sweep gives lines with stderr bands."""
     run, written = sweep["run"], []
-    rule = (f"phase of a seed: no fit (train acc never >= 0.99), memorise (val acc never > 0.99), grok (val acc > "
-            f"0.99 at least {GROK_DELAY_RATIO:g}x the memorisation step after memorisation), fit (sooner); of a "
+    rule = (f"phase of a seed: no fit (train acc never >= {MEMORISED_AT}), memorise (val acc never > {GROKKED_ABOVE}), "
+            f"grok (val acc > {GROKKED_ABOVE} at least {GROK_DELAY_RATIO:g}x the memorisation step after "
+            "memorisation), fit (sooner); of a "
             "cell: that of more than half its seeds, else mixed")
     for suffix, fixed, x, xs, y, ys, placed in _phase_grids(sweep, cells):
         name = f"{run}_{op}{suffix}".replace(os.sep, "_")
@@ -123,8 +126,9 @@ def phase_figures(sweep: dict, op: str, cells: list, out_dir: str) -> list:
         fig.tight_layout()
         path = os.path.join(out_dir, f"phase_stats_{name}.png")
         save(fig, path)
-        written.append((path, f"Per cell of sweep {run}, {op}: share of seeds whose val accuracy passed 0.99 (grok or "
-                              "fit), their mean step and memorisation-to-0.99 delay, final val accuracy; each cell "
+        written.append((path, f"Per cell of sweep {run}, {op}: share of seeds whose val accuracy passed "
+                              f"{GROKKED_ABOVE} (grok or fit), their mean step and memorisation-to-{GROKKED_ABOVE} "
+                              "delay, final val accuracy; each cell "
                               "annotated with its value and n."))
     return written
 

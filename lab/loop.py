@@ -27,7 +27,8 @@ from lab.schema import LOG, grokked
 def train(runs: list, steps, final_info_of, report=None, quiet: tuple = ()) -> list:
     """Train runs (lab.plugins.Run, prepared by experiment.prepare) to their step budget or early stop, writing each
     job's files as it finishes (final_info_of(run, grokking step), the plugins' on_train_end, lab.job.write_job).
-    Returns their records in order. report(job, step, metrics) at every evaluation, except for the jobs in quiet (a batch's ghosts)."""
+    Returns their records in order. report(job, step, metrics) at every evaluation, except for the jobs in quiet
+    (a batch's ghosts)."""
     cfgs = [run.cfg for run in runs]
     cfg0, device = cfgs[0], runs[0].device
     for run in runs:

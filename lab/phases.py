@@ -18,11 +18,10 @@ import numpy as np
 
 from lab.analysis import load_run, mean_stderr
 from lab.files import read_json
-from lab.schema import CONFIG, GROKKED_ABOVE, MEMORISED_AT, SWEEP
+from lab.schema import CONFIG, GROKKED_ABOVE, MEMORISED_AT, SWEEP, half_step
 
 PHASES = ("no fit", "memorise", "grok", "fit", "mixed")
 GROK_DELAY_RATIO = 1.0  # grok: delay >= this x the memorisation step; less is "fit"
-HALF = 0.5  # val accuracy's half-way mark (half_step)
 
 
 def phase_of_job(memorisation_step, grok_step) -> str:
@@ -39,7 +38,7 @@ def job_summary(pair) -> dict:
     mem, grok_step = pair.memorisation_step, pair.grok_step
     return {"memorisation_step": mem, "grok_step": grok_step,
             "delay": grok_step - mem if grok_step is not None and mem is not None else None,
-            "half_step": next((r["step"] for r in pair.log if r["val_acc"] >= HALF), None),
+            "half_step": half_step(pair.log),
             "final_val_acc": pair.log[-1]["val_acc"] if pair.log else None, "phase": phase_of_job(mem, grok_step)}
 
 

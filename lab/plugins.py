@@ -15,7 +15,7 @@ import torch.nn as nn
 from lab import measures as M
 from lab.files import atomic_write, write_json, write_jsonl
 from lab.ops import cyclic_coordinates
-from lab.schema import ACTIVATIONS, INDEX, MEASURES, MEMORISED_AT, GROKKED_ABOVE
+from lab.schema import ACTIVATIONS, INDEX, MEASURES, grokked, memorised
 
 
 class UsageError(Exception):
@@ -405,10 +405,10 @@ class ProgressMeasures(Plugin):
         return step == cfg.steps or step % (cfg.measure_every if dense else cfg.measure_sparse_every) == 0
 
     def on_eval(self, run, step, metrics):
-        self.memorised = self.memorised or metrics["train_acc"] >= MEMORISED_AT  # plot.py's memorisation step
+        self.memorised = self.memorised or memorised(metrics["train_acc"])  # plot.py's memorisation step
         if self.due(run.cfg, step):
             self.measure(run, step)
-        if self.grok_step is None and metrics["val_acc"] > GROKKED_ABOVE:
+        if self.grok_step is None and grokked(metrics["val_acc"]):
             self.grok_step = step
 
     def measure(self, run, step):

@@ -21,7 +21,8 @@ from lab.files import atomic_write, read_json, write_json, write_text
 from lab.progress import final_key_progress_of, summary_row
 from lab import earlywarning, onset, phases
 from lab import figures as sweep_figures
-from lab.schema import CHECKPOINTS, LAYERS, MEASURES, METRIC_SPLITS, SWEEP
+from lab.schema import (BEFORE_BELOW, CHECKPOINTS, GROKKED_ABOVE, HALF_AT, LAYERS, MEASURES, MEMORISED_AT,
+                        METRIC_SPLITS, SWEEP)
 
 
 def discover_runs(args, labels: dict) -> dict:
@@ -67,11 +68,11 @@ def write_tables(rows: list, out_dir: str) -> None:
 def summary_markdown(by_op: dict, run_names: dict, rows_by: dict, figures: list, leadlag: list,
                      left_out: dict) -> str:
     lines = ["# Grokking analysis summary", "",
-             "Written by plot.py. Phases: a snapshot is *before* (val acc < 0.1), *during* (0.1 to < 0.99) or "
-             "*after* (>= 0.99). The before/during/after columns are each seed's phase snapshots: the last "
-             "*before* snapshot after memorisation (train acc >= 0.99; step 0 if none), the snapshot nearest "
-             "0.5 val acc, and the final one; for seeds that never grokked: step 0, the middle snapshot, the "
-             "final one. Values are mean ± stderr (ddof=1, /sqrt(n)) over seeds.", ""]
+             f"Written by plot.py. Phases: a snapshot is *before* (val acc < {BEFORE_BELOW}), *during* or *after* "
+             f"(val acc > {GROKKED_ABOVE}, grokked). The before/during/after columns are each seed's phase snapshots: "
+             f"the last *before* snapshot after memorisation (train acc >= {MEMORISED_AT}; step 0 if none), the "
+             f"snapshot nearest {HALF_AT} val acc, and the final one; for seeds that never grokked: step 0, the middle "
+             "snapshot, the final one. Values are mean ± stderr (ddof=1, /sqrt(n)) over seeds.", ""]
     for op, runs in by_op.items():
         for run, pairs in runs.items():
             try:
@@ -97,7 +98,7 @@ def run_op_markdown(run: str, op: str, pairs: list, run_names: dict, rows_by: di
                     left_out: dict) -> list:
     """One (run, op) section of analysis_summary.md."""
     lines = [f"## {run_names[run]} ({run}), {op}", "",
-             f"- Grokking step (first step with val acc > 0.99): {describe_grokking(pairs)}.",
+             f"- Grokking step (first step with val acc > {GROKKED_ABOVE}): {describe_grokking(pairs)}.",
              f"- Final val accuracy: {np.mean([p.log[-1]['val_acc'] for p in pairs]):.3f} "
              f"(mean over {len(pairs)} seeds; median over the last {TAIL_SHARE:.0%} of steps: "
              f"{np.mean([end_state(p)['tail_val_acc'] for p in pairs]):.3f}).",
@@ -506,7 +507,8 @@ def main(P, args) -> int:
                 warn(f"learning curves skipped ({type(e).__name__}: {e})")
                 cached = []
         figures += cached
-        key_rows = final_key_rows(pairs, pool, experiment_path(P))  # before measure_rows, which reads the final_keys.json they write
+        # before measure_rows, which reads the final_keys.json they write
+        key_rows = final_key_rows(pairs, pool, experiment_path(P))
         rows, rows_by = [], {}
         for p, job in metric_jobs:
             found = job.result()

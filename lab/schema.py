@@ -64,7 +64,8 @@ def final_info_file(out_dir: str, job: Job) -> str:
 # ----------------------------------------------------------------------------- thresholds
 GROKKED_ABOVE = 0.99  # val acc above this at an evaluation: grokked (the template's step_val_acc_99)
 MEMORISED_AT = 0.99  # train acc at least this at an evaluation: memorised
-BEFORE_BELOW = 0.1  # phases by val acc: before (< 0.1), during, after (>= GROKKED_ABOVE)
+BEFORE_BELOW = 0.1  # phases by val acc: before (< 0.1), during, after (grokked: > GROKKED_ABOVE)
+HALF_AT = 0.5  # val acc at least this: half-way (the half step; the event an early-warning alarm must precede)
 
 
 def grokked(val_acc: float) -> bool:
@@ -78,11 +79,33 @@ def memorised(train_acc: float) -> bool:
     return train_acc >= MEMORISED_AT
 
 
+def first_step(log: list, key: str, reached) -> int | None:
+    """The step of the first evaluation in log (rows of log.jsonl) whose `key` satisfies reached; None if none."""
+    return next((r["step"] for r in log if reached(r[key])), None)
+
+
+def grok_step(log: list) -> int | None:
+    """The grokking step: the first evaluation with val accuracy above GROKKED_ABOVE (the template's
+    step_val_acc_99)."""
+    return first_step(log, "val_acc", grokked)
+
+
+def memorisation_step(log: list) -> int | None:
+    """The memorisation step: the first evaluation with train accuracy at least MEMORISED_AT."""
+    return first_step(log, "train_acc", memorised)
+
+
+def half_step(log: list) -> int | None:
+    """The first evaluation with val accuracy at least HALF_AT."""
+    return first_step(log, "val_acc", lambda acc: acc >= HALF_AT)
+
+
 def phase_of(val_acc: float) -> str:
-    """before (< 0.1), during (0.1 to < 0.99), after (>= 0.99); an unknown accuracy (step 0) is before."""
+    """before (< BEFORE_BELOW), during, after (grokked: above GROKKED_ABOVE); an unknown accuracy (step 0) is
+    before."""
     if not val_acc >= BEFORE_BELOW:
         return "before"
-    return "during" if val_acc < GROKKED_ABOVE else "after"
+    return "after" if grokked(val_acc) else "during"
 
 
 # ----------------------------------------------------------------------------- metric registry

@@ -1,7 +1,7 @@
 """Sweeps: a grid of runs over Config fields, `--sweep="train_frac=0.3,0.5 weight_decay=0.1,1"` (fields separated
-by spaces, values by commas), each cell a run folder of its own, out_dir/{cell_name}. Here: parsing, and the
-refusal of bad values before anything is written (lab.cli.check_sweep). lab/runner.py trains every cell's jobs in one pool; plot.py
-draws the phase diagrams (lab/phases.py)."""
+by spaces, values by commas), each cell a run folder of its own, out_dir/{cell_name}. Here: parsing (lab.cli.check_sweep
+refuses bad values before anything is written). lab/runner.py trains every cell's jobs in one pool; plot.py draws
+the phase diagrams (lab/phases.py)."""
 
 import dataclasses
 import itertools

@@ -125,8 +125,9 @@ def test_phases_follow_the_definitions():
     assert pair.memorisation_step == 200 and pair.grok_step == 600
     chosen = [s["step"] for _, s in A.phase_snapshots(pair)]
     assert chosen == [300, 450, 700]
-    assert [A.phase_of(v) for v in (float("nan"), 0.09, 0.1, 0.98, 0.99)] == \
-        ["before", "before", "during", "during", "after"]
+    # after means grokked (above 0.99, as the grokking step): exactly 0.99 is still during
+    assert [A.phase_of(v) for v in (float("nan"), 0.09, 0.1, 0.98, 0.99, 0.991)] == \
+        ["before", "before", "during", "during", "during", "after"]
     never = A.Pair("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": False}, snaps)
     assert never.grok_step is None
     assert [label for label, _ in A.phase_snapshots(never)] == ["step 0", "middle", "final, never grokked"]
