@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lab import measures, onset, stats
+from lab.stats import mean_stderr
 from lab.files import read_json, write_json
 from lab.schema import (ACTIVATIONS, CONFIG, EXAMPLES, FINAL_KEYS, INDEX, LOG, LOG_MEASURES, LOG_METRICS, LAYERS,
                         MEASURES, METRIC_SPLITS, PLUGIN_FILES, RUN, Job, final_info_file, grok_step, half_step,
@@ -367,14 +368,6 @@ def pair_metrics(pair: Pair, settings, cache_dir: str) -> list:
                              "step": snap["step"], "phase": phase_of(snap["val_acc"]), "split": split,
                              "metric": metric, "value": value})
     return rows
-
-
-def mean_stderr(values: np.ndarray):
-    """Mean and stderr (ddof=1 std / sqrt(n)) over axis 0; stderr 0 for a single seed."""
-    mean = values.mean(0)
-    if len(values) < 2:
-        return mean, np.zeros_like(mean)
-    return mean, values.std(0, ddof=1) / np.sqrt(len(values))
 
 
 def format_mean_stderr(values, mean_format: str, err_format: str) -> str:

@@ -102,6 +102,18 @@ def additive(sign: int) -> Callable:
     return lambda n: (sign, list(range(n)))
 
 
+def in_residue_order(op: Op, n: int) -> bool:
+    """Whether the op's cycle is the residues in their own order (an op that adds or subtracts them): the token
+    embedding's rows of the residues are then its ring, as the fourier plugin reads them."""
+    return op.cycle is not None and op.cycle(n)[1] == list(range(n))
+
+
+def adds(op: Op, n: int) -> bool:
+    """Whether the op adds residues (its cycle in their own order, sign +1): a + b = c + d closes a parallelogram,
+    what RQI counts."""
+    return in_residue_order(op, n) and op.cycle(n)[0] == 1
+
+
 def is_prime(n: int) -> bool:
     return n >= 2 and all(n % k for k in range(2, math.isqrt(n) + 1))
 

@@ -16,7 +16,8 @@ from collections import Counter
 
 import numpy as np
 
-from lab.analysis import load_run, mean_stderr
+from lab.analysis import load_run
+from lab.stats import mean_stderr
 from lab.files import read_json
 from lab.schema import CONFIG, GROKKED_ABOVE, MEMORISED_AT, SWEEP, half_step
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from lab import measures as M
 from lab.files import atomic_write, write_json, write_jsonl
-from lab.ops import cyclic_coordinates
+from lab.ops import adds, cyclic_coordinates, in_residue_order
 from lab.schema import ACTIVATIONS, INDEX, MEASURES, grokked, memorised
 
 
@@ -302,16 +302,19 @@ class Norms(Plugin):
 
 
 class EmbeddingProbe(CaptureSchedule):
-    """A measure of the residues' token embedding (p, d), taken at each capture step into {name}.jsonl."""
+    """A measure of the residues' token embedding (p, d), taken at each capture step into {name}.jsonl, for the ops
+    `applies` accepts (read from the op's OPS entry: lab.ops)."""
 
-    ops = ()
+    only_for = ""  # the ops it applies to, in words
+
+    def applies(self, op, n_classes: int) -> bool: ...
 
     def on_train_begin(self, run):
-        self.active = run.op in self.ops
+        self.active = self.applies(run.op_spec, run.task.n_classes)
         if not self.active:
             if run.seed == 0:  # once per op, not once per seed
                 print(f"experiment.py: {self.name} plugin: not meaningful for {run.op} (only for "
-                      f"{', '.join(self.ops)}); not measured", file=sys.stderr)
+                      f"{self.only_for}); not measured", file=sys.stderr)
             return
         self.rows = []
         super().on_train_begin(run)
@@ -344,7 +347,10 @@ class FourierEmbedding(EmbeddingProbe):
     """
 
     name = "fourier"
-    ops = ("x_plus_y", "x_minus_y")
+    only_for = "ops that add or subtract residues"
+
+    def applies(self, op, n_classes):
+        return in_residue_order(op, n_classes)
 
     def measure(self, run, embedding):
         spectrum = M.fourier_spectrum(embedding)
@@ -353,13 +359,16 @@ class FourierEmbedding(EmbeddingProbe):
 
 
 class RepresentationQuality(EmbeddingProbe):
-    """Liu et al. 2022's representation quality index of the token embedding, for x_plus_y.
+    """Liu et al. 2022's representation quality index of the token embedding, for ops that add residues.
 
     rqi.jsonl rows: step, rqi (share of closed parallelograms at tolerance --rqi_tol).
     """
 
     name = "rqi"
-    ops = ("x_plus_y",)
+    only_for = "ops that add residues"
+
+    def applies(self, op, n_classes):
+        return adds(op, n_classes)
 
     def measure(self, run, embedding):
         return {"rqi": M.representation_quality(embedding, run.cfg.rqi_tol)}
@@ -373,8 +382,8 @@ class ProgressMeasures(Plugin):
     Rows: {"step", "train_acc", "val_acc", "key_freqs", "values": {layer: {split: {metric: value}}}} with layers
     first/last (representation_metrics at the answer position, all 9409 pairs), model (param_norm; logit_norm and
     softmax_collapse on the training pairs; restricted_loss, excluded_loss, logit_key_frac for cyclic ops) and
-    embedding (fourier_topk_frac for cyclic ops, rqi for x_plus_y). The validation pairs' activations come from
-    the evaluation's own forward pass (hooks), so a measurement costs one forward over the training pairs.
+    embedding (fourier_topk_frac for cyclic ops, rqi for ops that add residues). The validation pairs' activations
+    come from the evaluation's own forward pass (hooks), so a measurement costs one forward over the training pairs.
     """
 
     batchable = True
@@ -436,7 +445,7 @@ class ProgressMeasures(Plugin):
                 embedding = run.model.token_embedding_matrix()[self.embedding_rows].detach().float().cpu()
             spectrum = M.fourier_spectrum(embedding)
             values["embedding"] = {"all": {"fourier_topk_frac": M.fourier_sparsity(spectrum, run.cfg.fourier_topk)[0]}}
-            if run.op == "x_plus_y":
+            if adds(run.op_spec, run.task.n_classes):
                 values["embedding"]["all"]["rqi"] = M.representation_quality(embedding, run.cfg.rqi_tol)
         values["model"] = model_values
         row["values"] = values

@@ -25,6 +25,7 @@ from lab.files import atomic_write, read_json, remove_partials, write_json
 from lab.job import STOP, WorkerError, device_of, label, line_due, unit_label
 from lab.plugins import PluginError, UsageError
 from lab.schema import CONFIG, FINAL_INFO, LOG, SWEEP, Job, cell_name, final_info_file, job_dir
+from lab.stats import mean_stderr
 
 
 
@@ -506,8 +507,9 @@ def summarize(final_infos: list) -> dict:
         if key in extra and not numbers and any(v is not None for v in values):
             continue  # not numeric: per seed only
         n = len(numbers)
-        means[f"{key}_mean"] = float(np.mean(numbers)) if n else None
-        stderrs[f"{key}_stderr"] = float(np.std(numbers, ddof=1) / math.sqrt(n)) if n > 1 else (0.0 if n else None)
+        mean, err = mean_stderr(np.array(numbers, dtype=float)) if n else (None, None)
+        means[f"{key}_mean"] = None if mean is None else float(mean)
+        stderrs[f"{key}_stderr"] = None if err is None else float(err)
         if key in extra:
             means[f"{key}_n"] = n
     per_seed["grokked"] = [bool(info.get("grokked")) for info in final_infos]

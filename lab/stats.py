@@ -1,5 +1,6 @@
 """The statistics the early-warning and lead-lag analyses report: Wilson intervals, a seeded bootstrap over groups,
-Harrell's concordance with censoring, stratified, and a slope with group fixed effects. NumPy only; definitions in
+Harrell's concordance with censoring, stratified, a slope with group fixed effects, and mean ± stderr over seeds (every
+table's and final_info.json's). NumPy only; definitions in
 docs/analysis.md ("Early warning").
 """
 
@@ -72,3 +73,11 @@ def fixed_effects_slope(groups: list) -> float:
     x, y = np.concatenate(xs), np.concatenate(ys)
     spread = float((x * x).sum())
     return float((x * y).sum() / spread) if spread > 0 else float("nan")
+
+
+def mean_stderr(values: np.ndarray):
+    """Mean and stderr (ddof=1 std / sqrt(n)) over axis 0; stderr 0 for a single seed."""
+    mean = values.mean(0)
+    if len(values) < 2:
+        return mean, np.zeros_like(mean)
+    return mean, values.std(0, ddof=1) / np.sqrt(len(values))

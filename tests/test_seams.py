@@ -297,3 +297,16 @@ def test_stablemax_with_perp_adamw_trains_full_batch_without_weight_decay(tmp_pa
     log = log_of(tmp_path)
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in log)
     assert log[-1]["train_loss"] < log[0]["train_loss"] and log[-1]["softmax_collapse"] == 0.0
+
+
+def test_what_applies_to_an_op_is_read_from_its_registry_entry():
+    """The fourier and rqi plugins and the measures' RQI ask the op's cycle (lab.ops), not its name: a new op that
+    adds residues gets them; one in another order does not."""
+    from lab.ops import Op, additive, adds, in_residue_order, modular, multiplicative
+
+    plus_again = Op("x_plus_y_again", "(x + y) mod p", modular(lambda a, b, p: a + b), additive(1))
+    minus = Op("m", "(x - y) mod p", modular(lambda a, b, p: a - b), additive(-1))
+    times = Op("t", "x * y mod p", modular(lambda a, b, p: a * b, b_from=1), multiplicative(1))
+    assert adds(plus_again, 11) and in_residue_order(minus, 11) and not adds(minus, 11)
+    assert not in_residue_order(times, 11) and not in_residue_order(E.OPS["permutation"], 120)
+    assert [name for name, op in E.OPS.items() if adds(op, 11)] == ["x_plus_y"]
