@@ -33,7 +33,7 @@ from lab.job import device_of, write_examples  # noqa: E402
 from lab.ops import Op, Task, additive, build_task, compose, inverses, modular, multiplicative  # noqa: E402
 from lab.ops import POWER_OPS, permutation_group  # noqa: E402
 from lab.presets import REFERENCE_SETUPS  # noqa: E402
-from lab.plugins import (RESEARCH_PLUGINS, Plugin, PluginError, PluginHooks, Run, UsageError,  # noqa: E402
+from lab.plugins import (RESEARCH_PLUGINS, HookPoint, Plugin, PluginError, PluginHooks, Run, UsageError,  # noqa: E402
                          check_model, forward_hooks, load_plugin_file)
 from lab.schema import EXAMPLES, Job, job_dir  # noqa: E402
 
@@ -165,6 +165,11 @@ class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, d_mlp: int = 0, norm: str = "post", activation: str = "gelu"):
         super().__init__()
         self.n_heads, self.pre_norm = n_heads, norm == "pre"
+        # where ideas look (forward_hooks on "blocks.{i}.hook_..."): attention weights (batch, q_len, k_len, heads),
+        # attention output after its projection (batch, q_len, d), FFN hidden activation (batch, q_len, d_mlp),
+        # the block's output (batch, q_len, d; what capture reads as blocks.{i})
+        self.hook_pattern, self.hook_attn_out = HookPoint(), HookPoint()
+        self.hook_mlp_post, self.hook_resid_post = HookPoint(), HookPoint()
         layer_norm = nn.Identity if norm == "none" else nn.LayerNorm
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
@@ -204,12 +209,25 @@ class Block(nn.Module):
         # query j is position k_len - q_len + j and sees keys 0 .. k_len - q_len + j
         hidden = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).triu(k_len - q_len + 1)[..., None]
         weights = scores.masked_fill(hidden, float("-inf")).softmax(2)
-        attn = (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2).flatten(-2)  # (batch, q_len, d_model)
+        if self.hook_pattern.hooked():
+            weights = self.hook_pattern(weights)
+        attn = self.out((weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2).flatten(-2))  # (batch, q_len, d_model)
+        if self.hook_attn_out.hooked():
+            attn = self.hook_attn_out(attn)
         if self.pre_norm:
-            h = residual + self.out(attn)
-            return h + self.ffn(self.ffn_norm(h))
-        h = self.attn_norm(residual + self.out(attn))  # norm "none": Identity
-        return self.ffn_norm(h + self.ffn(h))
+            h = residual + attn
+            out = h + self._mlp(self.ffn_norm(h))
+        else:
+            h = self.attn_norm(residual + attn)  # norm "none": Identity
+            out = self.ffn_norm(h + self._mlp(h))
+        return self.hook_resid_post(out) if self.hook_resid_post.hooked() else out
+
+    def _mlp(self, x):
+        """The FFN, its hidden activation through hook_mlp_post when a hook is attached."""
+        if not self.hook_mlp_post.hooked():
+            return self.ffn(x)
+        first, activation, second = self.ffn
+        return second(self.hook_mlp_post(activation(first(x))))
 
     def forward(self, x, prefix=None, prefix_index=None, last_only: bool = False, by_token=None):
         queries_from = x.shape[1] - 1 if last_only else 0
@@ -258,17 +276,20 @@ class Transformer(nn.Module):
         self.shared_prefix = shared_prefix
         self.vocab_table = vocab_table
         self.capture_modules = {"first": "blocks.0", "last": f"blocks.{num_layers - 1}"}
+        self.hook_points = [point for block in self.blocks for point in (
+            block.hook_pattern, block.hook_attn_out, block.hook_mlp_post, block.hook_resid_post)]
 
     def forward(self, tokens: torch.Tensor, shared: bool | None = None) -> torch.Tensor:
         positions = self.position_embeddings.weight
         n_blocks, n_prefix = len(self.blocks), tokens.shape[1] - 2  # the prefix: every position before b
         middle = tokens[:, 1:n_prefix]  # (batch, n_prefix - 1): the op token, or nothing
+        hooked = any(point.hooked() for point in self.hook_points)  # hooks see every position: the plain path
         if shared is None:  # a caller under vmap, where no tensor may decide a branch, decides (forward_kwargs)
             shared = self.forward_kwargs(tokens)["shared"]
-        if not shared:
+        if not shared or hooked:
             h = self.token_embeddings(tokens) + positions[: tokens.shape[1]]
             for i, block in enumerate(self.blocks):
-                h = block(h, last_only=i == n_blocks - 1)
+                h = block(h, last_only=i == n_blocks - 1 and not hooked)
             return self.head(self.norm(h[:, -1]))
         n_vocab = self.token_embeddings.num_embeddings
         every_a = torch.arange(n_vocab, device=tokens.device)
@@ -559,8 +580,9 @@ def plugin_classes(cfg: Config) -> list:
     specs = [s for s in DEFAULT_PLUGINS if not switched_off.get(s)] + list(cfg.plugins)
     classes = []
     for spec in specs:
-        if spec.endswith(".py"):
-            classes += load_plugin_file(spec)
+        if spec.endswith(".py"):  # a file may add Plugin subclasses, registry entries, or both
+            classes += load_plugin_file(spec, (OPS, MODELS, LOSSES, OPTIMIZERS, SCHEDULES, SAMPLERS, INITS, PLUGINS,
+                                               PRESETS, ACTIVATIONS))
         elif spec in PLUGINS:
             classes.append(PLUGINS[spec])
         else:

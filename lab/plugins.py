@@ -202,6 +202,23 @@ class forward_hooks:
         return False
 
 
+class HookPoint(nn.Module):
+    """An identity module, named hook_* in the model (TransformerLens's convention), where a forward hook reads an
+    activation or returns one to replace it: forward_hooks(model, {"blocks.0.hook_pattern": fn}). The model asks
+    hooked() before calling it, so with nothing attached it costs an attribute check, not a module call."""
+
+    def forward(self, x):
+        return x
+
+    def hooked(self) -> bool:
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
+
+def hook_points(model: nn.Module) -> list:
+    """The dotted names of a model's hook points, in order."""
+    return [name for name, module in model.named_modules() if isinstance(module, HookPoint)]
+
+
 def count_forward_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
@@ -456,12 +473,17 @@ class ProgressMeasures(Plugin):
         run.timings[self.name] = self.seconds
 
 
-def load_plugin_file(path: str) -> list:
-    """The Plugin subclasses defined in a user's .py file."""
+REGISTERING = set()  # plugin files that added a registry entry once (loading one again may assign the same objects)
+
+
+def load_plugin_file(path: str, registries: tuple = ()) -> list:
+    """The Plugin subclasses defined in a user's .py file. A file may instead (or too) add entries to the
+    registries (experiment.py's dicts: an optimizer, a schedule, an op); one that does neither is refused."""
     if not os.path.isfile(path):
         raise UsageError(f"plugin file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"user_plugin_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(spec)
+    before = [dict(registry) for registry in registries]
     try:
         spec.loader.exec_module(module)
     except Exception as e:
@@ -469,8 +491,12 @@ def load_plugin_file(path: str) -> list:
     found = [obj for obj in vars(module).values()
              if isinstance(obj, type) and issubclass(obj, Plugin) and obj is not Plugin
              and obj.__module__ == module.__name__]
-    if not found:
-        raise UsageError(f"plugin file {path} defines no subclass of experiment.Plugin")
+    if any(registry.keys() != old.keys() or any(registry[k] is not old[k] for k in registry)
+           for registry, old in zip(registries, before)):
+        REGISTERING.add(os.path.abspath(path))
+    if not found and os.path.abspath(path) not in REGISTERING:
+        raise UsageError(f"plugin file {path} defines no subclass of experiment.Plugin and adds no entry to a "
+                         "registry of experiment.py")
     return found
 
 

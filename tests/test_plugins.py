@@ -141,3 +141,24 @@ def test_the_documented_plugin_example_works(tmp_path):
     run_script("experiment.py", ["--out_dir=run_1", *SMALL, "--plugins=my_plugin.py"], tmp_path)
     log = log_of(tmp_path / "run_1" / "x_plus_y_0")
     assert all(row["grad_norm"] > 0 for row in log)
+
+
+def test_a_plugin_file_that_only_adds_registry_entries_is_accepted_and_one_that_adds_nothing_is_not(tmp_path):
+    """AI-Scientist's ideas as plugin files: SGD as an optimizer and a cyclic learning rate as a schedule, no Plugin
+    subclass. A file that adds nothing is refused in one line before anything is written."""
+    (tmp_path / "sgd.py").write_text(
+        "import math\nimport torch\nimport experiment\n\n"
+        "experiment.OPTIMIZERS['sgd'] = lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)\n"
+        "experiment.SCHEDULES['cyclic'] = lambda cfg: lambda s: 0.5 * (1 + math.cos(math.pi * (s % 20) / 20))\n")
+    proc = run_script("experiment.py", ["--out_dir=r", *SMALL, "--plugins=sgd.py", "--optimizer=sgd",
+                                        "--schedule=cyclic", "--lr=0.05"], tmp_path)
+    rows = log_of(tmp_path / "r" / "x_plus_y_0")  # the lr of update s is the schedule's factor at s - 1
+    assert [row["lr"] for row in rows] == pytest.approx(
+        [0.05 * 0.5 * (1 + math.cos(math.pi * ((row["step"] - 1) % 20) / 20)) for row in rows])
+    assert read_json(tmp_path / "r" / "config.json")["optimizer"] == "sgd", proc.stderr
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    proc = run_script("experiment.py", ["--out_dir=e", *SMALL, "--plugins=empty.py"], tmp_path, check=False)
+    assert proc.returncode == 2 and not (tmp_path / "e").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "experiment.py: error: plugin file empty.py defines no subclass of experiment.Plugin and adds no entry to "
+        "a registry of experiment.py"]
