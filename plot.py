@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from lab import report  # noqa: E402
 from lab.figures import save  # noqa: E402
-from lab.analysis import (LEADLAG_HALF_WIDTH, Pair, completion, describe_grokking, end_state,  # noqa: E402
+from lab.analysis import (LEADLAG_HALF_WIDTH, TrainedJob, completion, describe_grokking, end_state,  # noqa: E402
                           grok_summary, is_trivial, leadlag_end, leadlag_table, load_snapshot, mean_stderr,
                           measure_label, measure_series, phase_snapshots, reads_tag, read_examples, read_log, warn)
 from lab.files import atomic_write, read_json  # noqa: E402
@@ -149,7 +149,7 @@ def class_cycle(op: str, n_classes: int):
     return None if spec is None or spec.cycle is None else np.array(spec.cycle(n_classes)[1])
 
 
-def projection_gif(pair: Pair, layer: str, module: str, y, is_train, settings: Settings, out_dir: str) -> list:
+def projection_gif(pair: TrainedJob, layer: str, module: str, y, is_train, settings: Settings, out_dir: str) -> list:
     """proj_{run}_{op}_{layer}.gif: the class-centroid projection through every snapshot, aligned onto the final
     one (lab.projection.aligned_frames), so that motion in the GIF is motion of the representation, not of the
     axes."""
@@ -216,7 +216,7 @@ def scatter_panel(ax, xy, y, is_train, op, n_classes, freq=None):
     ax.set_yticks([])
 
 
-def representation_figures(pair: Pair, settings: Settings, out_dir: str) -> list:
+def representation_figures(pair: TrainedJob, settings: Settings, out_dir: str) -> list:
     """PCA and t-SNE before/during/after for both layers of one (run, op, seed)."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
@@ -400,7 +400,7 @@ def plugin_figures(run: str, op: str, pairs: list, rows: list, out_dir: str) -> 
 def final_keys_figure(run: str, op: str, pairs: list, key_rows: list, out_dir: str) -> list:
     """Nanda et al. 2023's Figure: train, test, restricted and excluded loss (the final model's key frequencies,
     from the checkpoints; dashed: each step's, from the measures plugin) with the three phase ends, per seed."""
-    from lab.progress import per_step_rows
+    from lab.final_keys import per_step_rows
 
     by_seed = {p.seed: p for p in pairs}
     shown = [k for k in key_rows if k["seed"] in by_seed][:4]

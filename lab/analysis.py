@@ -29,8 +29,9 @@ def warn(message: str) -> None:
 
 # ----------------------------------------------------------------------------- reading runs
 @dataclass
-class Pair:
-    """One (run, op, seed): its log, its result if finished, and its snapshots."""
+class TrainedJob:
+    """One trained job (run, op, seed) as plot.py reads it: its log, its result if finished, and its snapshots. (A
+    *pair* is an example (a, b); a *job* is what trains.)"""
 
     run: str
     op: str
@@ -105,7 +106,7 @@ def load_run(run_dir: str, name: str, quiet: bool = False) -> list:
                     final = read_json(final_path)
                 except ValueError:
                     warn(f"{final_path} is corrupt; treated as unfinished")
-            pair = Pair(name, op, seed, folder, log, final)
+            pair = TrainedJob(name, op, seed, folder, log, final)
             index_path = os.path.join(folder, ACTIVATIONS, INDEX)
             if os.path.exists(index_path):
                 try:
@@ -126,7 +127,7 @@ def load_run(run_dir: str, name: str, quiet: bool = False) -> list:
     return pairs
 
 
-def measure_rows(pair: Pair) -> list:
+def measure_rows(pair: TrainedJob) -> list:
     """Rows of metrics.csv from everything logged per step: the measures plugin's measures.jsonl (dense), the
     norms plugin's keys in log.jsonl, and the fourier and rqi plugins' files. Where two sources hold the same
     (layer, step, split, metric), the first read is kept: the log, then the plugin files, then measures.jsonl."""
@@ -149,7 +150,7 @@ def measure_rows(pair: Pair) -> list:
         if os.path.exists(path):
             for r in read_log(path, required=("step", key)):
                 add(r["step"], "embedding", "all", metric, r[key])
-    path = os.path.join(pair.folder, FINAL_KEYS)  # lab.progress: the final model's key frequencies, over checkpoints
+    path = os.path.join(pair.folder, FINAL_KEYS)  # lab.final_keys: the final model's key frequencies, over checkpoints
     if os.path.exists(path):
         for r in read_json(path).get("rows", []):
             add(r["step"], "model", "all", "restricted_loss_final_keys", r.get("restricted_loss"))
@@ -168,7 +169,7 @@ def measure_rows(pair: Pair) -> list:
     return rows
 
 
-def phase_snapshots(pair: Pair) -> list:
+def phase_snapshots(pair: TrainedJob) -> list:
     """[(label, snapshot)] x 3: last 'before' after memorisation (else step 0), nearest 0.5, final.
 
     When the final snapshot is not 'after' (the run ends in a spike or a dip below 0.99), the third is the last
@@ -196,7 +197,7 @@ SPIKE_BELOW = 0.9  # a spike after grokking: train or val accuracy below this at
 TAIL_SHARE = 0.1  # how a seed ends is also read over this last share of its steps
 
 
-def spikes_after_grokking(pair: Pair) -> list:
+def spikes_after_grokking(pair: TrainedJob) -> list:
     """Loss spikes after grokking (the "slingshots" of Thilak et al. 2022): maximal runs of consecutive evaluations
     after the grokking step at which train or val accuracy is below SPIKE_BELOW. One dict per spike: from_step (the
     last evaluation before it), start, end (its first and last evaluation), min_train_acc, min_val_acc."""
@@ -218,7 +219,7 @@ def spikes_after_grokking(pair: Pair) -> list:
     return found
 
 
-def end_state(pair: Pair) -> dict:
+def end_state(pair: TrainedJob) -> dict:
     """How a seed ends: its spikes after grokking, whether the last evaluation is inside one, the final val accuracy
     and the median val accuracy over the last TAIL_SHARE of its steps."""
     last = pair.log[-1]["step"]
@@ -287,7 +288,7 @@ def snapshot_metrics(x: np.ndarray, y: np.ndarray, is_train: np.ndarray, split_s
     return measures.representation_metrics(torch.from_numpy(x), torch.from_numpy(y), is_train, samples)
 
 
-def split_seed(pair: Pair) -> int:
+def split_seed(pair: TrainedJob) -> int:
     """The job's split seed, from its run.json (the seed itself in runs without one)."""
     try:
         return int(read_json(os.path.join(pair.folder, RUN))["split_seed"])
@@ -325,7 +326,7 @@ def settings_key(settings, *extra) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def pair_metrics(pair: Pair, settings, cache_dir: str) -> list:
+def pair_metrics(pair: TrainedJob, settings, cache_dir: str) -> list:
     """Metric rows of every snapshot of a pair, cached per snapshot file."""
     cache_path = os.path.join(cache_dir, f"metrics_{pair.run}_{pair.op}_{pair.seed}.json".replace(os.sep, "_"))
     try:
@@ -444,7 +445,7 @@ def completion(steps, values, start: int, half_width: float = LEADLAG_HALF_WIDTH
     return times, s, progress
 
 
-def measure_series(pair: Pair, rows: list) -> dict:
+def measure_series(pair: TrainedJob, rows: list) -> dict:
     """(layer, split, metric) -> (steps, values) of one pair: its metric rows and its learning curves."""
     series = {}
     for r in rows:
@@ -458,7 +459,7 @@ def measure_series(pair: Pair, rows: list) -> dict:
     return out
 
 
-def leadlag_end(pair: Pair) -> int | None:
+def leadlag_end(pair: TrainedJob) -> int | None:
     """Where a seed's lead-lag window ends: None (its last step), or, for a seed whose last evaluation is inside a
     spike after grokking, the evaluation before that spike: a measure's final level is not read inside a spike
     (the running median cannot remove one at the end of a curve: its window there is one-sided)."""
@@ -469,7 +470,7 @@ def leadlag_end(pair: Pair) -> int | None:
 GRID_EVERY = 100  # the measurement grid of a run without measures.jsonl: its evaluations every this many steps
 
 
-def measurement_grid(pair: Pair, rows: list, start: int) -> np.ndarray:
+def measurement_grid(pair: TrainedJob, rows: list, start: int) -> np.ndarray:
     """The steps of the job's representation measurements (measures.jsonl: layers first/last) at or after start;
     for a job without enough of them, its evaluations from start on, every GRID_EVERY steps. Onsets are read on
     it (lab.onset), so every measure, the learning curves included, is read at the same steps."""

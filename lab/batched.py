@@ -322,11 +322,11 @@ class StackedUpdate:
         return (losses.detach(), (logits.detach().argmax(-1) == yb).sum(-1), yb.shape[1],
                 [self.cfgs[k].lr * lr_multiplier for k in active])
 
-    def evaluate(self, step: int, active: list):
+    def validate(self, step: int, active: list):
         for k in active:  # the plugins' run.all_outputs() runs this model's own forward (its val rows too)
             self.runs[k].eval_outputs, self.runs[k].eval_step = {}, None
-        return evaluate(self.stack, self.loss_fn, self.autocast, self.x_val[active], self.y_val[active],
-                        [self.n_val[k] for k in active])
+        return evaluate_stack(self.stack, self.loss_fn, self.autocast, self.x_val[active], self.y_val[active],
+                              [self.n_val[k] for k in active])
 
     def keep(self, index: torch.Tensor) -> None:
         self.stack.keep(index)
@@ -334,7 +334,7 @@ class StackedUpdate:
 
 
 @torch.no_grad()
-def evaluate(stack: Stack, loss_fn, autocast, x: torch.Tensor, y: torch.Tensor, n: list) -> tuple[list, list]:
+def evaluate_stack(stack: Stack, loss_fn, autocast, x: torch.Tensor, y: torch.Tensor, n: list) -> tuple:
     """Each model's (val loss, val accuracy) on its own first n[k] rows of x (K, max n, seq), in one pass."""
     for model in stack.models:
         model.eval()

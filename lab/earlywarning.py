@@ -113,7 +113,7 @@ class WarnRun:
 
 
 def warn_run(pair, cell: str, config: dict, chance) -> WarnRun | None:
-    """The WarnRun of one finished job (lab.analysis.Pair), or None when it never memorised."""
+    """The WarnRun of one finished job (lab.analysis.TrainedJob), or None when it never memorised."""
     mem = pair.memorisation_step
     if mem is None:
         return None

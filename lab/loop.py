@@ -6,7 +6,7 @@ files. What a model's update is comes from the caller: `steps`, an object with
     steps(step, active) -> (losses (len(active),), correct (len(active),), rows, lrs)
         one update of the models at `active` (indices into runs): their mean training losses and correct counts
         as tensors, the rows each trained on, and the learning rate each used (a list of floats);
-    steps.evaluate(step, active) -> (val losses, val accuracies)
+    steps.validate(step, active) -> (val losses, val accuracies)
         lists in the order of active; it sets each run's eval_outputs and eval_step;
     steps.keep(index)
         only the models at positions `index` of active go on (the others finished).
@@ -56,7 +56,7 @@ def train(runs: list, steps, final_info_of, report=None, quiet: tuple = ()) -> l
             runs[k].hooks.on_step_end(runs[k], step)
         stopped = []
         if step % cfg0.eval_every == 0 or step == cfg0.steps:
-            val_loss, val_acc = steps.evaluate(step, active)
+            val_loss, val_acc = steps.validate(step, active)
             train_loss, train_correct = [v / seen for v in loss_sum.tolist()], correct.tolist()
             loss_sum.zero_(), correct.zero_()
             for i, k in enumerate(active):
@@ -99,14 +99,14 @@ class OneModel:
     accuracy), as experiment.py writes them, in the loop's list form."""
 
     def __init__(self, update, validate):
-        self.update, self.validate = update, validate
+        self.update, self.validate_one = update, validate
 
     def __call__(self, step: int, active: list):
         loss, correct, rows, lr = self.update(step)
         return loss, correct, rows, [lr]
 
-    def evaluate(self, step: int, active: list):
-        val_loss, val_acc = self.validate(step)
+    def validate(self, step: int, active: list):
+        val_loss, val_acc = self.validate_one(step)
         return [val_loss], [val_acc]
 
     def keep(self, index) -> None:

@@ -34,7 +34,7 @@ def phase_of_job(memorisation_step, grok_step) -> str:
 
 
 def job_summary(pair) -> dict:
-    """memorisation_step and grok_step (lab.analysis.Pair's), delay, half_step (val acc >= 0.5), final val acc and
+    """memorisation_step and grok_step (lab.analysis.TrainedJob's), delay, half_step (val acc >= 0.5), final val acc and
     phase of one job."""
     mem, grok_step = pair.memorisation_step, pair.grok_step
     return {"memorisation_step": mem, "grok_step": grok_step,
@@ -72,7 +72,7 @@ def cell_row(jobs: list) -> dict:
 
 # ----------------------------------------------------------------------------- reading a sweep, its tables
 def load_sweep(run_dir: str, name: str) -> dict:
-    """A sweep folder: its fields and values (sweep.json) and, per cell, the finished jobs (lab.analysis.Pair)."""
+    """A sweep folder: its fields and values (sweep.json) and, per cell, the finished jobs (lab.analysis.TrainedJob)."""
     info = read_json(os.path.join(run_dir, SWEEP))
     cells = []
     for cell in info["cells"]:

@@ -18,7 +18,7 @@ from lab.analysis import (LEADLAG_COLUMNS, LEADLAG_HALF_WIDTH, PHASES, SPIKE_BEL
                           measure_label, measure_rows, pair_metrics, phase_values, reads_tag, settings_key, spike_rows,
                           warn)
 from lab.files import atomic_write, read_json, write_json, write_text
-from lab.progress import final_key_progress_of, summary_row
+from lab.final_keys import final_key_progress_of, summary_row
 from lab import earlywarning, onset, phases
 from lab import figures as sweep_figures
 from lab.schema import (BEFORE_BELOW, CHECKPOINTS, GROKKED_ABOVE, HALF_AT, LAYERS, MEASURES, MEMORISED_AT,
@@ -224,7 +224,7 @@ def findings_block(by_op: dict, run_names: dict, rows_by: dict, leadlag: list, f
                 leaders = [named(t) for t in table if t["n"] >= 2 and t["lead_lo"] > 0]
                 laggers = [named(t) for t in reversed(table) if t["n"] >= 2 and t["lead_hi"] < 0]
                 mine = [k for k in key_rows if k["run"] == run and k["op"] == op]
-                if mine:  # Nanda et al.'s definition, from checkpoints: lab/progress.py
+                if mine:  # Nanda et al.'s definition, from checkpoints: lab/final_keys.py
                     head += " Final-model key frequencies: " + describe_final_keys(mine) + "."
                 sections.append((head, changes, leaders, laggers, n))
             except Exception as e:  # an odd run must not cost the rest of the block
@@ -308,7 +308,7 @@ FINAL_KEY_COLUMNS = ["run", "op", "seed", "key_freqs", "n_key_freqs", "key_share
 
 
 def final_key_rows(pairs: list, pool, experiment_path: str) -> list:
-    """lab.progress.summary_row of every job that kept checkpoints (--checkpoint_every), its final_keys.json
+    """lab.final_keys.summary_row of every job that kept checkpoints (--checkpoint_every), its final_keys.json
     computed in the pool where missing (by the experiment module at experiment_path)."""
     submitted = [(p, pool.submit(final_key_progress_of, experiment_path, p.run, p.op, p.seed)) for p in pairs
                  if p.final is not None and os.path.isdir(os.path.join(p.folder, CHECKPOINTS))]
@@ -348,7 +348,7 @@ def final_keys_markdown(rows: list) -> str:
     lines = ["", "## Progress measures with the final model's key frequencies (Nanda et al. 2023's definition)", "",
              "From the checkpoints (--checkpoint_every): key frequencies = the fourier_topk frequencies with the most "
              "power in the final model's logits; restricted/excluded loss recomputed with them at every checkpoint "
-             "(lab/progress.py). Phases on log10(test loss) from the memorisation step: circuit formation ends at "
+             "(lab/final_keys.py). Phases on log10(test loss) from the memorisation step: circuit formation ends at "
              "its 10% point, cleanup at its 90% point. Per seed in `final_keys.csv`.", ""]
     for run, op in dict.fromkeys((r["run"], r["op"]) for r in rows):
         lines.append(f"- {run}, {op}: " + describe_final_keys([r for r in rows if r["run"] == run

@@ -92,7 +92,7 @@ def mean_err(values, fmt=".0f") -> str:
 
 def report_nanda(root: str, figures: str) -> dict:
     import plot
-    from lab.progress import final_key_progress_of, summary_row
+    from lab.final_keys import final_key_progress_of, summary_row
 
     pairs = finished(root, "nanda2023")
     if not pairs:

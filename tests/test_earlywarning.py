@@ -7,7 +7,7 @@ import pytest
 
 from lab import earlywarning as W
 from lab import onset, stats
-from lab.analysis import Pair, measure_label
+from lab.analysis import TrainedJob, measure_label
 from lab.schema import LAYERS, LOG_MEASURES, METRIC_SPLITS, MODEL_MEASURES, READS, reads
 
 MEM = 200
@@ -439,7 +439,7 @@ def test_a_job_read_from_its_log_is_censored_only_when_it_ends_above_3x_chance()
     def job(final):
         log = [{"step": s, "train_acc": 1.0 if s >= 300 else 0.5, "train_loss": 0.01, "val_loss": 4.0,
                 "val_acc": 0.03 if s < 300 else 0.003 if s < 1000 else final} for s in range(10, 5001, 10)]
-        return Pair("run_0", "x_minus_y", 0, "", log, {"step_val_acc_99": 5000, "grokked": False})
+        return TrainedJob("run_0", "x_minus_y", 0, "", log, {"step_val_acc_99": 5000, "grokked": False})
 
     wandering, rising = (W.warn_run(job(final), "a", {}, chance=1 / 31) for final in (0.05, 0.2))
     assert not wandering.rising and rising.rising and wandering.half_step is None

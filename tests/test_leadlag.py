@@ -44,7 +44,8 @@ def pair(seed, centre, memorised=400, steps=6000):
     log = [{"step": int(s), "train_acc": 1.0 if s >= memorised else 0.5, "val_acc": float(v),
             "train_loss": 0.01, "val_loss": float(5 - 5 * v)} for s, v in zip(log_steps, val)]
     grok = next((int(s) for s, v in zip(log_steps, val) if v > 0.99), None)
-    return A.Pair("run_0", "x_plus_y", seed, "", log, {"step_val_acc_99": grok or steps, "grokked": grok is not None})
+    final = {"step_val_acc_99": grok or steps, "grokked": grok is not None}
+    return A.TrainedJob("run_0", "x_plus_y", seed, "", log, final)
 
 
 CENTRES = {0: 2500, 1: 3000, 2: 3500, 3: 9000}  # seed 3 never groks

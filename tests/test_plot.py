@@ -121,14 +121,14 @@ def test_phases_follow_the_definitions():
            [(100, 0.5, 0.0), (200, 1.0, 0.01), (300, 1.0, 0.05), (400, 1.0, 0.3), (500, 1.0, 0.6), (600, 1.0, 1.0)]]
     snaps = [{"step": s, "val_acc": v, "path": ""} for s, v in [(0, float("nan")), (150, 0.0), (300, 0.05),
                                                                  (450, 0.45), (500, 0.6), (700, 1.0)]]
-    pair = A.Pair("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": True}, snaps)
+    pair = A.TrainedJob("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": True}, snaps)
     assert pair.memorisation_step == 200 and pair.grok_step == 600
     chosen = [s["step"] for _, s in A.phase_snapshots(pair)]
     assert chosen == [300, 450, 700]
     # after means grokked (above 0.99, as the grokking step): exactly 0.99 is still during
     assert [A.phase_of(v) for v in (float("nan"), 0.09, 0.1, 0.98, 0.99, 0.991)] == \
         ["before", "before", "during", "during", "during", "after"]
-    never = A.Pair("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": False}, snaps)
+    never = A.TrainedJob("r", "x_plus_y", 0, "", log, {"step_val_acc_99": 600, "grokked": False}, snaps)
     assert never.grok_step is None
     assert [label for label, _ in A.phase_snapshots(never)] == ["step 0", "middle", "final, never grokked"]
 
@@ -149,7 +149,7 @@ def test_worker_processes_use_one_thread_in_every_library():
 def test_grokking_step_summary_never_invents_a_stderr():
     def pair(seed, step):
         final = {"step_val_acc_99": step if step else 7500, "grokked": step is not None}
-        return A.Pair("run_0", "x_plus_y", seed, "", [], final)
+        return A.TrainedJob("run_0", "x_plus_y", seed, "", [], final)
 
     assert A.describe_grokking([pair(0, 3070), pair(1, None), pair(2, None)]) == "3070 (1/3 seeds grokked)"
     assert A.describe_grokking([pair(0, None), pair(1, None)]) == "never grokked (0/2 seeds)"
@@ -204,7 +204,7 @@ def spiky_pair(seed, ends_in_spike):
         r["train_loss"], r["val_loss"] = 1.01 - r["train_acc"], 1.01 - r["val_acc"]
     final = {"step_val_acc_99": 300, "grokked": True, "final_val_acc": log[-1]["val_acc"]}
     snaps = [{"step": s, "val_acc": A.val_acc_at(log, s), "path": ""} for s in (0, 250, 500, 1000)]
-    return A.Pair("r", "x_plus_y", seed, "", log, final, snaps)
+    return A.TrainedJob("r", "x_plus_y", seed, "", log, final, snaps)
 
 
 def test_spikes_after_grokking_are_counted_and_an_end_inside_one_is_said():
@@ -219,7 +219,7 @@ def test_spikes_after_grokking_are_counted_and_an_end_inside_one_is_said():
     assert "5 in 2 of 2 grokked seeds" in text and "seed 0: 2, seed 1: 3" in text
     assert "Seed 1 ends in a spike: val acc 0.49 at the last step, 1.00 (median) over the last 10% of steps." in text
     assert "Seed 0 ends" not in text
-    flat = A.Pair("r", "x_plus_y", 2, "", [{"step": s, "train_acc": 1.0, "val_acc": 1.0} for s in (10, 20)],
+    flat = A.TrainedJob("r", "x_plus_y", 2, "", [{"step": s, "train_acc": 1.0, "val_acc": 1.0} for s in (10, 20)],
                      {"step_val_acc_99": 10, "grokked": True})
     assert A.describe_spikes([flat]) == ["No spike after grokking in the 1 grokked seed(s)."]
     assert A.describe_spikes([flat], say_none=False) == []

@@ -16,7 +16,7 @@ from lab import cli
 from lab.config import config_dict
 from lab.files import read_json, write_json
 from lab.plugins import UsageError
-from lab.progress import final_key_progress, phases_and_leads
+from lab.final_keys import final_key_progress, phases_and_leads
 from lab.job import checkpoints, load_model, load_task
 from lab.schema import Job
 from conftest import run_script

@@ -10,7 +10,7 @@ import pytest
 import experiment as E
 from conftest import TINY, kill_when, read_json, run_script, start_experiment
 from lab.phases import cell_phase, cell_row, job_summary, phase_of_job
-from lab.analysis import Pair
+from lab.analysis import TrainedJob
 from lab.earlywarning import CLOCK_COLUMNS
 from lab.schema import READS
 from lab.plugins import UsageError
@@ -147,7 +147,7 @@ def test_the_phase_rule():
     assert cell_phase(["grok", "memorise", "fit"]) == "mixed" and cell_phase(["grok", "memorise"]) == "mixed"
     log = [{"step": s, "train_acc": min(1.0, s / 300), "val_acc": 0.0 if s < 1500 else 1.0}
            for s in range(10, 3001, 10)]
-    summary = job_summary(Pair("run", "x_plus_y", 0, "", log, None))
+    summary = job_summary(TrainedJob("run", "x_plus_y", 0, "", log, None))
     assert (summary["memorisation_step"], summary["grok_step"], summary["delay"], summary["half_step"]) == (
         300, 1500, 1200, 1500) and summary["phase"] == "grok"
     row = cell_row([summary, {**summary, "grok_step": None, "delay": None, "phase": "memorise", "final_val_acc": 0.1},
