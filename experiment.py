@@ -254,27 +254,27 @@ class Transformer(nn.Module):
     """The template's model: embeddings -> blocks -> LayerNorm -> linear head, read at the last position.
     norm "none" drops the final LayerNorm too; "post" and "pre" keep it.
 
-    With shared_prefix (the default), the states of the positions before b (a, and the
-    op token when there is one) depend on `a` alone under the causal mask when every
-    row has the same tokens between a and b: they are then computed once per
-    vocabulary entry and gathered, which saves about 40% of the work on [a, "o", b, "="].
-    The numbers are those of the plain computation (shared_prefix=False) up to float
-    rounding. Inputs that break the condition take the plain computation. With vocab_table
-    (the default), the first block's projections at b and "=" are computed once per
-    vocabulary entry too.
+    fast (the default) turns on three speed-only paths, each the plain computation's numbers up to float rounding
+    (tests/test_model.py; each an attribute of its own, for benchmarks): shared_prefix, the states of the positions
+    before b (a, and the op token when there is one) depend on `a` alone under the causal mask when every row has
+    the same tokens between a and b, so they are computed once per vocabulary entry and gathered (about 40% of the
+    work on [a, "o", b, "="]; inputs that break the condition take the plain computation); vocab_table, the first
+    block's projections at b and "=" once per vocabulary entry too; last_only, the last block at the answer's
+    position alone. fast=False, or a hook attached to a hook point: the plain computation only.
     """
 
     def __init__(self, n_vocab: int, n_classes: int, num_layers: int = 2, d_model: int = 128,
-                 n_heads: int = 4, seq_len: int = 4, shared_prefix: bool = True, d_mlp: int = 0,
-                 norm: str = "post", activation: str = "gelu", vocab_table: bool = True):
+                 n_heads: int = 4, seq_len: int = 4, d_mlp: int = 0, norm: str = "post", activation: str = "gelu",
+                 fast: bool = True):
         super().__init__()
         self.token_embeddings = nn.Embedding(n_vocab, d_model)
         self.position_embeddings = nn.Embedding(seq_len, d_model)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_mlp, norm, activation) for _ in range(num_layers))
         self.norm = nn.Identity() if norm == "none" else nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
-        self.shared_prefix = shared_prefix
-        self.vocab_table = vocab_table
+        # fast=False: every forward is the plain computation below (the first branch of forward). An idea that edits
+        # attention or the FFN edits Block._project / _attend_and_mix, which every path calls.
+        self.shared_prefix = self.vocab_table = self.last_only = fast
         self.capture_modules = {"first": "blocks.0", "last": f"blocks.{num_layers - 1}"}
         self.hook_points = [point for block in self.blocks for point in (
             block.hook_pattern, block.hook_attn_out, block.hook_mlp_post, block.hook_resid_post)]
@@ -289,7 +289,7 @@ class Transformer(nn.Module):
         if not shared or hooked:
             h = self.token_embeddings(tokens) + positions[: tokens.shape[1]]
             for i, block in enumerate(self.blocks):
-                h = block(h, last_only=i == n_blocks - 1 and not hooked)
+                h = block(h, last_only=self.last_only and i == n_blocks - 1 and not hooked)
             return self.head(self.norm(h[:, -1]))
         n_vocab = self.token_embeddings.num_embeddings
         every_a = torch.arange(n_vocab, device=tokens.device)

@@ -92,9 +92,10 @@ def test_shared_prefix_exact_and_off_where_it_does_not_apply(norm, op_token, voc
     task = E.make_task("x_minus_y", p=7, op_token=op_token)
     torch.manual_seed(0)
     model = E.Transformer(task.n_vocab, task.n_classes, num_layers=2, d_model=16, n_heads=2,
-                          seq_len=task.x.shape[1], d_mlp=24, norm=norm, activation="relu", vocab_table=vocab_table)
+                          seq_len=task.x.shape[1], d_mlp=24, norm=norm, activation="relu")
+    model.vocab_table = vocab_table
     plain = E.Transformer(task.n_vocab, task.n_classes, num_layers=2, d_model=16, n_heads=2,
-                          seq_len=task.x.shape[1], d_mlp=24, norm=norm, activation="relu", shared_prefix=False)
+                          seq_len=task.x.shape[1], d_mlp=24, norm=norm, activation="relu", fast=False)
     plain.load_state_dict(model.state_dict())
     x = task.x
     out, ref = model(x), plain(x)
