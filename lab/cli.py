@@ -25,6 +25,18 @@ def validate(cfg, E) -> None:
     add entries to experiment.py's registries (an op, a model, a loss)."""
     check_contract(E)
     E.plugin_classes(cfg)  # raises UsageError for an unknown plugin or a broken plugin file
+    _check_ops(cfg, E)
+    _check_numbers(cfg)
+    _check_choices(cfg, E)
+    _check_out_dir(cfg)
+    with torch.random.fork_rng(devices=[]):  # the model contract, once per op, before anything is written
+        for op in cfg.ops:
+            E.build_model(cfg, E.task_of(cfg, op))
+    if cfg.sweep:
+        check_sweep(cfg, E)
+
+
+def _check_ops(cfg, E) -> None:
     bad = [op for op in cfg.ops if op not in E.OPS]
     if bad or not cfg.ops:
         raise UsageError(f"unknown op {','.join(bad) or '(none)'}: choose from {','.join(E.OPS)}")
@@ -35,6 +47,9 @@ def validate(cfg, E) -> None:
     for op in cfg.ops:
         if E.OPS[op].prime and not is_prime(cfg.p):
             raise UsageError(f"--p={cfg.p} is not prime; {op} needs a prime modulus (e.g. 97)")
+
+
+def _check_numbers(cfg) -> None:
     if not 0 < cfg.train_frac < 1:
         raise UsageError(f"--train_frac={cfg.train_frac} must lie strictly between 0 and 1")
     for name in ("steps", "seeds", "eval_every", "num_layers", "d_model", "n_heads", "capture_every",
@@ -51,6 +66,17 @@ def validate(cfg, E) -> None:
             raise UsageError(f"--{name}={getattr(cfg, name)} must not be negative")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and 0 <= cfg.grokfast_alpha < 1):
         raise UsageError("--beta1, --beta2 and --grokfast_alpha must lie in [0, 1)")
+    for name in ("measure_every", "measure_sparse_every"):
+        if getattr(cfg, name) % cfg.eval_every:
+            raise UsageError(f"--{name}={getattr(cfg, name)} must be a multiple of --eval_every={cfg.eval_every} "
+                             "(measurements reuse the evaluation's forward pass)")
+    if cfg.measure_dense_after < 0:
+        raise UsageError(f"--measure_dense_after={cfg.measure_dense_after} must not be negative")
+    if cfg.fourier_topk < 1:
+        raise UsageError(f"--fourier_topk={cfg.fourier_topk} must be at least 1")
+
+
+def _check_choices(cfg, E) -> None:
     for name, registry in REGISTRY_FIELDS.items():
         known = getattr(E, registry)
         if getattr(cfg, name) not in known:
@@ -76,14 +102,9 @@ def validate(cfg, E) -> None:
         raise UsageError("--capture_thresholds must lie strictly between 0 and 1")
     if cfg.progress not in ("auto", "bar", "lines", "none"):
         raise UsageError(f"--progress={cfg.progress}: choose from auto, bar, lines, none")
-    for name in ("measure_every", "measure_sparse_every"):
-        if getattr(cfg, name) % cfg.eval_every:
-            raise UsageError(f"--{name}={getattr(cfg, name)} must be a multiple of --eval_every={cfg.eval_every} "
-                             "(measurements reuse the evaluation's forward pass)")
-    if cfg.measure_dense_after < 0:
-        raise UsageError(f"--measure_dense_after={cfg.measure_dense_after} must not be negative")
-    if cfg.fourier_topk < 1:
-        raise UsageError(f"--fourier_topk={cfg.fourier_topk} must be at least 1")
+
+
+def _check_out_dir(cfg) -> None:
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise UsageError(f"--out_dir={cfg.out_dir} is an existing file, not a folder")
     existing = os.path.abspath(cfg.out_dir)
@@ -91,11 +112,6 @@ def validate(cfg, E) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--out_dir={cfg.out_dir} cannot be written ({existing} is not a writable folder)")
-    with torch.random.fork_rng(devices=[]):  # the model contract, once per op, before anything is written
-        for op in cfg.ops:
-            E.build_model(cfg, E.task_of(cfg, op))
-    if cfg.sweep:
-        check_sweep(cfg, E)
 
 
 def check_sweep(cfg, E) -> None:

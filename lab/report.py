@@ -456,22 +456,129 @@ def experiment_path(P) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(P.__file__)), "experiment.py")
 
 
+class Drawing:
+    """The figures of one plot.py call: each group drawn in the pool, unless the cache holds it for the same inputs."""
+
+    def __init__(self, pool, cache: FigureCache):
+        self.pool, self.cache, self.figures, self.jobs = pool, cache, [], {}
+
+    def draw(self, name: str, key: str, function, *arguments) -> None:
+        cached = self.cache.get(name, key)
+        if cached is None:
+            self.jobs[name] = (key, self.pool.submit(function, *arguments))
+        else:
+            self.figures.extend(cached)
+
+    def collect(self) -> None:
+        """Wait for the groups in the pool; one that fails is skipped (a run an agent changed may lack what one
+        figure needs), the others kept."""
+        for name, (key, job) in self.jobs.items():
+            try:
+                made = job.result()
+            except Exception as e:
+                warn(f"{name.replace('/', ' ')}: figure skipped ({type(e).__name__}: {e})")
+                continue
+            self.cache.put(name, key, made)
+            self.figures += made
+
+
+def find_jobs(args, labels):
+    """(runs, sweeps, trained jobs of the runs) that plot.py reads: a sweep's cells are analysed as a grid."""
+    runs = discover_runs(args, labels)
+    sweeps = {run: name for run, name in runs.items() if os.path.exists(os.path.join(run, SWEEP))}
+    runs = {run: name for run, name in runs.items() if run not in sweeps}
+    return runs, sweeps, [p for run in runs for p in load_run(run, run)]
+
+
+def curves(P, settings, pairs, by_op, runs, out_dir, drawing) -> None:
+    """The learning curves, drawn here (they read every job), or from the cache."""
+    key = inputs_key(P, settings, pairs, "curves", runs)
+    cached = drawing.cache.get("curves", key)
+    if cached is None:
+        try:
+            cached = P.plot_curves(by_op, runs, out_dir)
+            drawing.cache.put("curves", key, cached)
+        except Exception as e:
+            warn(f"learning curves skipped ({type(e).__name__}: {e})")
+            cached = []
+    drawing.figures += cached
+
+
+def metric_rows(pairs, metric_jobs) -> tuple[list, dict]:
+    """Every metric row (from snapshots, computed in the pool, and from measures.jsonl), and by (run, op)."""
+    rows, rows_by = [], {}
+    for p, job in metric_jobs:
+        found = job.result()
+        rows += found
+        rows_by.setdefault((p.run, p.op), []).extend(found)
+    for p in pairs:
+        found = measure_rows(p)
+        rows += found
+        rows_by.setdefault((p.run, p.op), []).extend(found)
+    return rows, rows_by
+
+
+def run_figures(P, settings, by_op, rows_by, key_rows, out_dir, drawing) -> tuple[list, dict]:
+    """Lead-lag of every (run, op) and the figures that read the metric rows: who moves first, Nanda et al.'s final
+    keys, the plugins' measures, the representation metrics. Returns (leadlag rows, seeds left out by (run, op))."""
+    leadlag, left_out = [], {}
+
+    def key_of(kind, found, run, op):
+        return settings_key(settings, kind, found, inputs_key(P, settings, by_op[op][run]))
+
+    for (run, op), found in rows_by.items():
+        try:
+            made, left_out[(run, op)] = leadlag_rows(by_op[op][run], found)
+        except Exception as e:
+            warn(f"lead-lag of {run} {op} skipped ({type(e).__name__}: {e})")
+            made, left_out[(run, op)] = [], []
+        leadlag += made
+        drawing.draw(f"progress/{run}/{op}", key_of("progress", found, run, op),
+                     P.progress_figure, run, op, by_op[op][run], found, made, out_dir)
+    for (run, op) in dict.fromkeys((k["run"], k["op"]) for k in key_rows):
+        mine = [k for k in key_rows if k["run"] == run and k["op"] == op]
+        drawing.draw(f"final_keys/{run}/{op}", key_of("final_keys", mine, run, op),
+                     P.final_keys_figure, run, op, by_op[op][run], mine, out_dir)
+    for (run, op), found in rows_by.items():
+        model_rows = [r for r in found if r["layer"] in ("model", "embedding")]
+        drawing.draw(f"plugins/{run}/{op}", key_of("plugins", found, run, op),
+                     P.plugin_figures, run, op, by_op[op][run], model_rows, out_dir)
+    for (run, op), found in rows_by.items():
+        found = [r for r in found if r["layer"] in LAYERS]
+        if found:
+            drawing.draw(f"metrics/{run}/{op}", key_of("metrics", found, run, op),
+                         P.metric_figures, run, op, by_op[op][run], found, out_dir)
+    return leadlag, left_out
+
+
+def sweeps_analysed(sweeps: dict, out_dir: str, figures: list) -> tuple[list, list]:
+    """Each sweep's phases, early warning and clock test (their tables and figures); (markdown, notes lines)."""
+    outputs = []
+    for run, name in sweeps.items():
+        try:
+            made = sweep_outputs(run, name, out_dir)
+        except Exception as e:  # a broken sweep must not cost the other runs' analysis
+            warn(f"sweep {run} skipped ({type(e).__name__}: {e})")
+            continue
+        if made:
+            outputs.append(made)
+            figures += made["figures"]
+    if outputs:
+        write_sweep_tables(outputs, out_dir)
+    return [line for o in outputs for line in o["markdown"]], [line for o in outputs for line in o["notes"]]
+
+
 def main(P, args) -> int:
     """Everything plot.py writes: figures (P's functions, in a process pool, cached), metrics.csv/parquet,
     leadlag.csv, spikes.csv, analysis_summary.md and the notes.txt block. Returns the exit code."""
     gc.freeze()  # the imported modules live until exit: no collection or exit walks them (runner.cli says why)
-    runs = discover_runs(args, P.labels)
-    sweeps = {run: name for run, name in runs.items() if os.path.exists(os.path.join(run, SWEEP))}
-    runs = {run: name for run, name in runs.items() if run not in sweeps}  # a sweep's cells are analysed as a grid
-    pairs = [p for run in runs for p in load_run(run, run)]
+    runs, sweeps, pairs = find_jobs(args, P.labels)
     if not pairs and not sweeps:
         print("plot.py: error: no runs found (no run_* folder with results here; see --runs)", file=sys.stderr)
         return 1
     settings = P.Settings(tsne=not args.no_tsne)
-    os.makedirs(args.out_dir, exist_ok=True)
     cache_dir = os.path.join(args.out_dir, ".plot_cache")
     os.makedirs(cache_dir, exist_ok=True)
-    drawn = FigureCache(os.path.join(cache_dir, "figures.json"))
     by_op = {}
     for p in pairs:
         by_op.setdefault(p.op, {}).setdefault(p.run, []).append(p)
@@ -480,100 +587,30 @@ def main(P, args) -> int:
     for p in with_snaps:
         shown.setdefault((p.run, p.op), p)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    figures, jobs = [], {}
     with ProcessPoolExecutor(args.workers or cores, mp_context=get_context("fork"),
                              initializer=_limit_threads) as pool:
-        def draw(name: str, key: str, function, *arguments) -> None:
-            """The cached figures of `name` when its key still matches, else function(*arguments) in the pool."""
-            cached = drawn.get(name, key)
-            if cached is None:
-                jobs[name] = (key, pool.submit(function, *arguments))
-            else:
-                figures.extend(cached)
-
+        drawing = Drawing(pool, FigureCache(os.path.join(cache_dir, "figures.json")))
         for (run, op), p in shown.items():
-            draw(f"representations/{run}/{op}", inputs_key(P, settings, [p], "representations"),
-                 P.representation_figures, p, settings, args.out_dir)
-        # Pairs with a measures.jsonl have every metric densely from training; the others get them from snapshots.
+            drawing.draw(f"representations/{run}/{op}", inputs_key(P, settings, [p], "representations"),
+                         P.representation_figures, p, settings, args.out_dir)
+        # Jobs with a measures.jsonl have every metric densely from training; the others get them from snapshots.
         metric_jobs = [(p, pool.submit(pair_metrics, p, settings, cache_dir)) for p in with_snaps
                        if not os.path.exists(os.path.join(p.folder, MEASURES))]
-        key = inputs_key(P, settings, pairs, "curves", runs)
-        cached = drawn.get("curves", key)
-        if cached is None:
-            try:
-                cached = P.plot_curves(by_op, runs, args.out_dir)
-                drawn.put("curves", key, cached)
-            except Exception as e:
-                warn(f"learning curves skipped ({type(e).__name__}: {e})")
-                cached = []
-        figures += cached
-        # before measure_rows, which reads the final_keys.json they write
+        curves(P, settings, pairs, by_op, runs, args.out_dir, drawing)
+        # before metric_rows, which reads the final_keys.json they write
         key_rows = final_key_rows(pairs, pool, experiment_path(P))
-        rows, rows_by = [], {}
-        for p, job in metric_jobs:
-            found = job.result()
-            rows += found
-            rows_by.setdefault((p.run, p.op), []).extend(found)
-        for p in pairs:
-            found = measure_rows(p)
-            rows += found
-            rows_by.setdefault((p.run, p.op), []).extend(found)
-        leadlag, left_out = [], {}
-        for (run, op), found in rows_by.items():
-            try:
-                made, left_out[(run, op)] = leadlag_rows(by_op[op][run], found)
-            except Exception as e:
-                warn(f"lead-lag of {run} {op} skipped ({type(e).__name__}: {e})")
-                made, left_out[(run, op)] = [], []
-            leadlag += made
-            draw(f"progress/{run}/{op}", settings_key(settings, "progress", found,
-                                                      inputs_key(P, settings, by_op[op][run])),
-                 P.progress_figure, run, op, by_op[op][run], found, made, args.out_dir)
-        for (run, op) in dict.fromkeys((k["run"], k["op"]) for k in key_rows):
-            mine = [k for k in key_rows if k["run"] == run and k["op"] == op]
-            draw(f"final_keys/{run}/{op}", settings_key(settings, "final_keys", mine,
-                                                        inputs_key(P, settings, by_op[op][run])),
-                 P.final_keys_figure, run, op, by_op[op][run], mine, args.out_dir)
-        for (run, op), found in rows_by.items():
-            model_rows = [r for r in found if r["layer"] in ("model", "embedding")]
-            draw(f"plugins/{run}/{op}", settings_key(settings, "plugins", found,
-                                                     inputs_key(P, settings, by_op[op][run])),
-                 P.plugin_figures, run, op, by_op[op][run], model_rows, args.out_dir)
-        for (run, op), found in rows_by.items():
-            found = [r for r in found if r["layer"] in LAYERS]
-            if found:
-                draw(f"metrics/{run}/{op}", settings_key(settings, "metrics", found,
-                                                         inputs_key(P, settings, by_op[op][run])),
-                     P.metric_figures, run, op, by_op[op][run], found, args.out_dir)
-        for name, (key, job) in jobs.items():
-            try:
-                made = job.result()
-            except Exception as e:  # a run an agent changed may lack what one figure needs: skip that figure only
-                warn(f"{name.replace('/', ' ')}: figure skipped ({type(e).__name__}: {e})")
-                continue
-            drawn.put(name, key, made)
-            figures += made
-    drawn.save()
+        rows, rows_by = metric_rows(pairs, metric_jobs)
+        leadlag, left_out = run_figures(P, settings, by_op, rows_by, key_rows, args.out_dir, drawing)
+        drawing.collect()
+    drawing.cache.save()
+    figures = drawing.figures
     write_tables(rows, args.out_dir)
     write_leadlag(leadlag, args.out_dir)
     write_spikes(pairs, args.out_dir)
     write_csv(os.path.join(args.out_dir, "final_keys.csv"), FINAL_KEY_COLUMNS,
               ({k: "" if v is None else round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
                for r in key_rows))
-    outputs = []
-    for run, name in sweeps.items():
-        try:
-            made = sweep_outputs(run, name, args.out_dir)
-        except Exception as e:  # a broken sweep must not cost the other runs' analysis
-            warn(f"sweep {run} skipped ({type(e).__name__}: {e})")
-            continue
-        if made:
-            outputs.append(made)
-            figures += made["figures"]
-    if outputs:
-        write_sweep_tables(outputs, args.out_dir)
-    sweep_md = [line for o in outputs for line in o["markdown"]]
-    sweep_notes = [line for o in outputs for line in o["notes"]]
+    sweep_md, sweep_notes = sweeps_analysed(sweeps, args.out_dir, figures)
     summary = os.path.join(args.out_dir, "analysis_summary.md")
     write_text(summary, summary_markdown(by_op, runs, rows_by, sorted(figures), leadlag, left_out)
                + final_keys_markdown(key_rows) + "".join(f"\n{line}" for line in sweep_md))
@@ -582,4 +619,3 @@ def main(P, args) -> int:
                                                 extra=sweep_notes))
     print(f"plot.py: {len(figures)} figures, {len(rows)} metric rows, summary in {summary}", file=sys.stderr)
     return 0
-
