@@ -4,6 +4,7 @@ refuses bad values before anything is written). lab/runner.py trains every cell'
 the phase diagrams (lab/phases.py)."""
 
 import dataclasses
+import functools
 import itertools
 import os
 import typing
@@ -63,12 +64,29 @@ def parse(text: str, Config, errors: list | None = None) -> list[tuple[str, tupl
     return spec
 
 
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A parsed --sweep: its fields with their values, in the order written, and its cells."""
+
+    text: str
+    fields: tuple  # ((field, (value, ...)), ...)
+
+    @property
+    def cells(self) -> list[tuple]:
+        """Every cell, ((field, value), ...) in the sweep's order; [()] for no sweep."""
+        names = [f for f, _ in self.fields]
+        return [tuple(zip(names, values)) for values in itertools.product(*(v for _, v in self.fields))]
+
+
+@functools.lru_cache(maxsize=None)
+def of(text: str, Config) -> Sweep:
+    """The Sweep of a --sweep string (parsed once per string; a bad one raises UsageError): Sweep("", ()) for none."""
+    return Sweep(text, tuple(parse(text, Config)) if text else ())
+
+
 def cells(cfg) -> list[tuple]:
     """Every cell of cfg's sweep, ((field, value), ...) in the sweep's order; [()] without a sweep."""
-    if not cfg.sweep:
-        return [()]
-    spec = parse(cfg.sweep, type(cfg))
-    return [tuple(zip([f for f, _ in spec], values)) for values in itertools.product(*(v for _, v in spec))]
+    return of(cfg.sweep, type(cfg)).cells
 
 
 def cell_config(cfg, cell: tuple):
@@ -77,7 +95,7 @@ def cell_config(cfg, cell: tuple):
 
 
 def write_sweep_json(cfg, path: str) -> None:
-    spec = parse(cfg.sweep, type(cfg))
-    write_json(path, {"sweep": cfg.sweep, "fields": [f for f, _ in spec], "values": {f: list(v) for f, v in spec},
-                      "ops": list(cfg.ops), "seeds": cfg.seeds,
-                      "cells": [{"name": cell_name(c), "values": dict(c)} for c in cells(cfg)]})
+    spec = of(cfg.sweep, type(cfg))
+    write_json(path, {"sweep": cfg.sweep, "fields": [f for f, _ in spec.fields],
+                      "values": {f: list(v) for f, v in spec.fields}, "ops": list(cfg.ops), "seeds": cfg.seeds,
+                      "cells": [{"name": cell_name(c), "values": dict(c)} for c in spec.cells]})
