@@ -64,3 +64,4 @@ def test_seeds_are_distinct_per_purpose():
     seeds = E.derived_seeds(0)
     assert len(set(seeds.values())) == 3
     assert E.derived_seeds(1) != seeds
+

@@ -226,6 +226,11 @@ def test_a_training_process_that_dies_is_named_and_finished_pairs_stay(tmp_path)
     (["--no_such_flag=1"], "unrecognized"),
     (["--plugins=nonexistent_plugin"], "unknown plugin"),
     (["--plugins=missing_file.py"], "does not exist"),
+    (["--measure_every=15"], "must be a multiple of --eval_every=10"),
+    (["--eval_every=20", "--measure_sparse_every=30"], "--measure_sparse_every=30 must be a multiple"),
+    (["--stop_at_val_acc=1.5"], "--stop_at_val_acc"),
+    (["--d_model=30", "--n_heads=4"], "divisible by --n_heads"),
+    (["--sweep=lr"], "is not FIELD=VALUE"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, words):
     proc = run_script("experiment.py", ["--out_dir=out", *args], tmp_path, check=False)
@@ -427,3 +432,32 @@ def test_sigterm_from_a_harness_stops_with_one_line_and_no_partial_files(tmp_pat
     assert len(lines) == 1 and "terminated" in lines[0], stderr[-3000:]
     assert not partial_files(tmp_path / "run_t")
     assert not (tmp_path / "run_t" / "final_info.json").exists()
+
+
+def test_leftovers_of_a_killed_write_are_removed_on_the_next_start_and_finished_files_kept(tiny_run, tmp_path):
+    """Partial files planted where a killed run leaves them (beside final_info.json, in a job's folder, among its
+    snapshots): the next start on that out_dir removes every one and no finished byte changes."""
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "run_0")
+    run = tmp_path / "run_0"
+    planted = [run / ".final_info.partial-99.json", run / "x_plus_y_0" / ".log.partial-7.jsonl",
+               run / "x_plus_y_0" / "activations" / ".step_000020.partial-7.safetensors"]
+    for path in planted:
+        path.write_bytes(b"half a file")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p not in planted and p.name != ".lock"}
+    proc = run_script("experiment.py", ["--out_dir=run_0", *TINY], tmp_path)
+    assert "already finished" in proc.stderr and not any(p.exists() for p in planted)
+    changed = [p for p, data in before.items() if p.read_bytes() != data and p.name not in (
+        "final_info.json", "all_results.json", "all_results.npy", "config.json")]
+    assert changed == [] and partial_files(run) == []
+
+
+def test_the_seeds_are_the_documented_formulas_and_reach_run_json(tiny_run):
+    """README and docs/experiment.md: split_seed = seed, init_seed = 1337 + seed, batch_seed = 2^20 + seed."""
+    import experiment as E
+
+    for seed in (0, 1, 7):
+        assert E.derived_seeds(seed) == {"split_seed": seed, "init_seed": 1337 + seed, "batch_seed": 2 ** 20 + seed}
+    written = json.load(open(tiny_run / "x_plus_y_1" / "run.json"))
+    assert (written["split_seed"], written["init_seed"], written["batch_seed"]) == (1, 1338, 2 ** 20 + 1)

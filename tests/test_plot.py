@@ -12,7 +12,7 @@ import pytest
 from lab import analysis as A
 from lab import report as R
 import plot
-from conftest import run_script
+from conftest import ROOT, run_script
 
 OPS = ("x_plus_y", "permutation")
 
@@ -260,3 +260,38 @@ def test_spikes_reach_the_summary_the_notes_block_and_spikes_csv(tmp_path):
         assert "Seed 1 ends in a spike: val acc 0.49" in text and "5 in 2 of 2 grokked seeds" in text
     figures = plot.plot_curves({"x_plus_y": {"r": pairs}}, {"r": "r"}, str(tmp_path))
     assert len(figures) == 4 and all(os.path.getsize(path) > 0 for path, _ in figures)
+
+
+GUARD = """
+import pickle, runpy, sys
+import numpy, torch
+
+def refuse(*args, **kwargs):
+    raise RuntimeError("a file was unpickled")
+
+numpy_load = numpy.load
+pickle.load = pickle.Unpickler = torch.load = refuse
+numpy.load = lambda *args, **kwargs: numpy_load(*args, **{**kwargs, "allow_pickle": False})
+sys.path.insert(0, ROOT)
+if sys.argv[1] == "plot":
+    sys.argv = ["plot.py", "--out_dir=figs"]
+    runpy.run_path(ROOT + "/plot.py", run_name="__main__")
+else:
+    import experiment
+    from lab.job import load_model, load_task
+    model = load_model(experiment, "run_0", "x_plus_y", 0)
+    print(model(load_task(experiment, "run_0", "x_plus_y").x[:3]).shape)
+"""
+
+
+def test_plot_py_and_load_model_read_no_file_with_pickle(tiny_run, tmp_path):
+    """pickle.load, pickle.Unpickler and torch.load raise and numpy.load refuses pickles: plot.py still writes its
+    outputs and load_model still rebuilds a model (the process pool's own messages are multiprocessing's, not files)."""
+    shutil.copytree(tiny_run, tmp_path / "run_0")
+    guard = tmp_path / "guard.py"
+    guard.write_text(f"ROOT = {ROOT!r}\n" + GUARD)
+    for what in ("plot", "model"):
+        proc = subprocess.run([sys.executable, str(guard), what], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0 and "unpickled" not in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "figs" / "analysis_summary.md").exists() and "torch.Size([3," in proc.stdout
