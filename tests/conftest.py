@@ -49,13 +49,15 @@ def wait_until(condition, timeout=300, poll=0.05):
 
 
 def wait_for(folder, pattern, poll=0.05, timeout=300):
-    """Until a file matching pattern exists under folder (or the timeout)."""
-    wait_until(lambda: list(folder.glob(pattern)), timeout, poll)
+    """Until a file matching pattern exists under folder; the test fails when the timeout passes first."""
+    assert wait_until(lambda: list(folder.glob(pattern)), timeout, poll), f"no {pattern} in {folder} after {timeout}s"
 
 
 def kill_when(proc, path, timeout=300):
-    """SIGKILL proc (as a lost machine would) once path exists; returns when it is dead."""
-    wait_until(lambda: path.exists() or proc.poll() is not None, timeout, poll=0.02)
+    """SIGKILL proc (as a lost machine would) once path exists; returns when it is dead. The test fails when the
+    timeout passes first."""
+    assert wait_until(lambda: path.exists() or proc.poll() is not None, timeout, poll=0.02), \
+        f"{path} did not appear within {timeout}s"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 

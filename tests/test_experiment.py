@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, kill_when, read_json, run_script, start_experiment, wait_for
+from conftest import ROOT, TINY, kill_when, read_json, run_script, start_experiment, wait_for, wait_until
 
 TEMPLATE_KEYS = ["final_train_loss", "final_val_loss", "final_train_acc", "final_val_acc", "step_val_acc_99"]
 
@@ -26,6 +26,14 @@ def sigint_blocked(pid):
     """Linux: whether SIGINT (signal 2, bit 1) is in the process's blocked mask."""
     mask = next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("SigBlk:"))
     return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+
+
+def running(pid) -> bool:
+    """Linux: whether a process exists and is not a zombie."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def partial_files(folder):
@@ -409,9 +417,13 @@ def test_ctrl_c_while_children_start_up_is_one_line(tmp_path):
     while first.startswith("batched training"):
         first = proc.stderr.readline()
     assert first.startswith("training")
-    time.sleep(0.3)  # the children are now importing torch
-    workers = [p for p in child_pids(proc.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
-    assert len(workers) == 2 and all(sigint_blocked(p) for p in workers)  # from their start, before any handler
+
+    def spawned():  # the children, now importing torch
+        return [p for p in child_pids(proc.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+
+    assert wait_until(lambda: len(spawned()) == 2, timeout=60, poll=0.01), "the two workers did not start"
+    workers = spawned()
+    assert all(sigint_blocked(p) for p in workers)  # from their start, before any handler
     os.killpg(proc.pid, signal.SIGINT)
     rest = proc.stderr.read()
     proc.wait(timeout=60)
@@ -425,9 +437,15 @@ def test_sigterm_from_a_harness_stops_with_one_line_and_no_partial_files(tmp_pat
     args = ["--out_dir=run_t", *TINY[:2], "--steps=3000", *TINY[4:], f"--workers={workers}", "--progress=none"]
     proc = start_experiment(args, tmp_path)
     wait_for(tmp_path / "run_t", "*/activations/step_001000.safetensors")  # mid-training
+    children = child_pids(proc.pid)
+    assert len(children) >= (2 if workers == 2 else 0)  # the pool's workers (and multiprocessing's tracker)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 143
+    # no child outlives the run: the parent joins its workers before it exits, so each is gone within seconds (a
+    # worker that ignored the stop and trained on would still be running)
+    assert wait_until(lambda: not [p for p in children if running(p)], timeout=5), \
+        [open(f"/proc/{p}/cmdline").read() for p in children if running(p)]
     lines = [line for line in stderr.strip().splitlines() if "measures plugin:" not in line]  # a note, not an error
     assert len(lines) == 1 and "terminated" in lines[0], stderr[-3000:]
     assert not partial_files(tmp_path / "run_t")
