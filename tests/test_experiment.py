@@ -64,7 +64,13 @@ def test_every_output_file_is_written(tiny_run):
     config = read_json(tiny_run / "config.json")
     assert config["steps"] == 60 and config["ops"] == ["x_plus_y", "permutation"]
     results = read_json(tiny_run / "all_results.json")
-    assert (tiny_run / "all_results.npy").exists()
+    # the template's pickle, for its old scripts (the project never reads it; this test does, to check it):
+    # the same dict as all_results.json, with its {op}_{seed}_final_info / _train_info / _val_info keys
+    template = np.load(tiny_run / "all_results.npy", allow_pickle=True).item()
+    assert template == results and sorted(template) == sorted(
+        f"{op}_{seed}_{kind}" for op in ("x_plus_y", "permutation") for seed in range(2)
+        for kind in ("final_info", "train_info", "val_info"))
+    assert template["x_plus_y_0_train_info"][0].keys() == {"step", "train_loss", "train_accuracy"}
     for op, n_pairs in (("x_plus_y", 121), ("permutation", 36)):
         for seed in range(2):
             folder = tiny_run / f"{op}_{seed}"

@@ -135,4 +135,32 @@ def test_spikes_after_grokking_are_reported_per_seed(grokked_run):
         assert (r["ends_in_spike"] == "True") == (log[-1]["step"] in low)
         if r["ends_in_spike"] == "True":
             assert f"Seed {r['seed']} ends in a spike" in summary
-    assert "spike" in summary
+    total = sum(int(r["spikes"]) for r in rows)  # the summary's count is spikes.csv's, per seed
+    if total:
+        with_spikes = sum(1 for r in rows if int(r["spikes"]))
+        assert (f"Spikes after grokking (train or val acc < {A.SPIKE_BELOW} at an evaluation): {total} in "
+                f"{with_spikes} of {len(rows)} grokked seeds (") in summary
+        assert all(f"seed {r['seed']}: {r['spikes']}" in summary for r in rows)
+    else:
+        assert f"No spike after grokking in the {len(rows)} grokked seed(s)." in summary
+
+
+def test_snapshots_are_taken_for_their_reasons(grokked_run):
+    """The capture plugin's index: init at step 0, periodic every capture_every, final at the last step, and
+    val_acc>t at the first evaluation whose val accuracy exceeds each threshold t (the crossings a reader aligns
+    the pictures on)."""
+    for seed in seeds_of(grokked_run):
+        folder = grokked_run / "run_grok" / f"x_plus_y_{seed}"
+        log = read_rows(folder / "log.jsonl")
+        index = json.load(open(folder / "activations" / "index.json"))
+        by_reason = {}
+        for snap in index["snapshots"]:
+            for reason in snap["reasons"]:
+                by_reason.setdefault(reason, []).append(snap["step"])
+        last = log[-1]["step"]
+        assert by_reason["init"] == [0] and by_reason["final"] == [last]
+        assert by_reason["periodic"] == list(range(250, last + 1, 250))
+        for t in (0.1, 0.5, 0.9, 0.99):
+            first = next(r["step"] for r in log if r["val_acc"] > t)
+            assert by_reason[f"val_acc>{t}"] == [first]
+        assert [s["step"] for s in index["snapshots"]] == sorted({s for steps in by_reason.values() for s in steps})
