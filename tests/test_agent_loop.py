@@ -115,6 +115,12 @@ def test_the_four_example_interventions_act(idea_folder):
         assert run[op]["means"]["step_val_acc_95_n"] == len(reached)
         assert run[op]["means"]["step_val_acc_95_mean"] == (np.mean(reached) if reached else None)
         assert set(base[op]["means"]) == {f"{k}_mean" for k in TEMPLATE_KEYS}  # the template's keys only
+        for seed, step_95 in enumerate(per_seed):  # each act as they say, not merely "something changed"
+            base_log = [json.loads(x) for x in open(folder / "run_0" / f"{op}_{seed}" / "log.jsonl")]
+            log = [json.loads(x) for x in open(folder / "run_1" / f"{op}_{seed}" / "log.jsonl")]
+            assert step_95 == next((r["step"] for r in log if r["val_acc"] > 0.95), None)
+            # layer_lr: the first parameter group (the embeddings, scale 0.5) is the one the log's lr reads
+            assert [r["lr"] for r in log] == pytest.approx([0.5 * r["lr"] for r in base_log])
 
 
 def test_example_plugins_init_param_groups_and_augmentation():
@@ -213,8 +219,9 @@ def test_an_edit_that_raises_leaves_its_cause_in_the_last_1500_characters(tmp_pa
     code, prompt = harness_run_experiment(folder, 1)
     assert code != 0 and not (folder / "run_1").exists()
     tail = prompt[-1500:]
-    assert cause in tail and "experiment.py" in tail and "line " in tail, tail
-    assert "step 0/" not in tail and "done in" not in tail
+    last = prompt.strip().splitlines()[-1]  # the cause in one line, the last: what survives any truncation
+    assert cause in last and "experiment.py" in last and "line " in last, tail
+    assert "Traceback" not in tail and "step 0/" not in tail and "done in" not in tail
 
 
 def test_plot_survives_runs_an_agent_changed(tiny_run, tmp_path):
