@@ -336,9 +336,11 @@ def test_ctrl_c_stops_every_process_with_one_line_and_keeps_finished_pairs(tmp_p
     args = ["--out_dir=run_c", *TINY[:2], "--steps=500", *TINY[4:], "--workers=2", "--progress=none"]
     proc = start_experiment(args, tmp_path, new_session=True)
     wait_for(tmp_path / "run_c", "final_info_*_0.json")
+    children = child_pids(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-3000:]
+    assert children and wait_until(lambda: not [p for p in children if running(p)], timeout=5)  # none outlives it
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("experiment.py: interrupted") and "Traceback" not in stderr, stderr[-3000:]
     assert not partial_files(tmp_path / "run_c")
@@ -485,3 +487,22 @@ def test_the_seeds_are_the_documented_formulas_and_reach_run_json(tiny_run):
         assert E.derived_seeds(seed) == {"split_seed": seed, "init_seed": 1337 + seed, "batch_seed": 2 ** 20 + seed}
     written = json.load(open(tiny_run / "x_plus_y_1" / "run.json"))
     assert (written["split_seed"], written["init_seed"], written["batch_seed"]) == (1, 1338, 2 ** 20 + 1)
+
+
+def test_the_workers_stop_when_the_parent_is_killed(tmp_path):
+    """kill -9 of experiment.py (a lost terminal, an OOM kill): its workers get SIGTERM from the kernel
+    (PR_SET_PDEATHSIG), stop at their next step and exit, rather than train on as orphans."""
+    args = ["--out_dir=run_k", *TINY[:2], "--steps=20000", *TINY[4:], "--workers=2", "--progress=none"]
+    proc = start_experiment(args, tmp_path)
+    wait_for(tmp_path / "run_k", "*/activations/step_001000.safetensors")  # the workers are training
+    workers = [p for p in child_pids(proc.pid) if "resource_tracker" not in open(f"/proc/{p}/cmdline").read()]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    try:
+        assert wait_until(lambda: not [p for p in workers if running(p)], timeout=30), "a worker trained on"
+    finally:
+        for pid in workers:  # a failing run must not leave orphans training on the test machine
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not (tmp_path / "run_k" / "final_info.json").exists()
