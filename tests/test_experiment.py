@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,20 +294,53 @@ def test_changed_config_is_refused_unless_overwrite(tiny_run, tmp_path):
     assert read_json(tmp_path / "r" / "config.json")["steps"] == 30
 
 
-def test_resume_after_kill_gives_the_uninterrupted_results(tiny_run, tmp_path):
-    args = ["--out_dir=run_k", *TINY]  # tiny_run's config: the uninterrupted run
+def same_bytes(clean, other) -> list:
+    """The files of run folder `other` that differ from `clean`'s, or that one of them lacks: every file, except the
+    timings in run.json and the fields that change no number in config.json (out_dir, workers, ...)."""
+    from lab.config import RUNTIME_FIELDS
+
+    names = {p.relative_to(clean) for p in clean.rglob("*") if p.is_file()} | {
+        p.relative_to(other) for p in other.rglob("*") if p.is_file()}
+    differ = []
+    for name in sorted(names - {Path(".lock")}):
+        a, b = clean / name, other / name
+        if not (a.exists() and b.exists()):
+            differ.append(str(name))
+        elif name.name in ("run.json", "config.json"):
+            drop = ("train_seconds", "plugin_seconds", *RUNTIME_FIELDS)
+            if {k: v for k, v in read_json(a).items() if k not in drop} != {
+                    k: v for k, v in read_json(b).items() if k not in drop}:
+                differ.append(str(name))
+        elif a.read_bytes() != b.read_bytes():
+            differ.append(str(name))
+    return differ
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resume_after_a_kill_mid_job_gives_the_uninterrupted_bytes(tiny_run, tmp_path, workers):
+    """kill -9 while the second x+y job is two thirds through (its snapshot of step 40 written), then the same
+    command: every file of every job (weights, logs, measures, snapshots, examples, final_info) is the
+    uninterrupted run's, with one worker or two."""
+    args = ["--out_dir=run_k", *TINY[:-1], f"--workers={workers}"]  # tiny_run's config, but for the workers
     proc = start_experiment(args, tmp_path, stderr=subprocess.DEVNULL)
-    first = tmp_path / "run_k" / "final_info_x_plus_y_0.json"
-    kill_when(proc, first)  # the second pair has started, or is starting
-    assert first.exists() and not (tmp_path / "run_k" / "final_info.json").exists()
-    before = first.read_text()
+    mid = tmp_path / "run_k" / "x_plus_y_1" / "activations" / "step_000040.safetensors"
+    kill_when(proc, mid)
+    assert not (tmp_path / "run_k" / "final_info.json").exists()
+    finished = {p.name: p.read_bytes() for p in (tmp_path / "run_k").glob("final_info_*.json")}
     resumed = run_script("experiment.py", args, tmp_path)
-    assert "x_plus_y seed 0: already finished" in resumed.stderr
-    assert first.read_text() == before
-    assert read_json(tmp_path / "run_k" / "final_info.json") == read_json(tiny_run / "final_info.json")
-    for job in ("x_plus_y_0", "x_plus_y_1", "permutation_1"):
-        assert (tmp_path / "run_k" / job / "log.jsonl").read_text() == (tiny_run / job / "log.jsonl").read_text()
+    assert resumed.stderr.count("already finished") == len(finished)
+    assert all((tmp_path / "run_k" / name).read_bytes() == data for name, data in finished.items())
+    assert same_bytes(tiny_run, tmp_path / "run_k") == []
     assert partial_files(tmp_path / "run_k") == []
+
+
+def test_two_threads_give_the_same_bytes_twice(tmp_path):
+    """--threads=2 rounds otherwise than one thread, but the same way every time."""
+    args = [*TINY, "--ops=x_plus_y", "--seeds=1", "--threads=2"]
+    for out in ("a", "b"):
+        run_script("experiment.py", [f"--out_dir={out}", *args], tmp_path)
+    assert same_bytes(tmp_path / "a", tmp_path / "b") == []
+    assert read_json(tmp_path / "a" / "x_plus_y_0" / "run.json")["threads"] == 2
 
 
 PLUGIN_THAT_FAILS = '''
