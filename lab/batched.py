@@ -40,12 +40,13 @@ PER_MODEL = ("lr", "weight_decay", "train_frac", "init_scale")  # Config fields 
 # whole-run measurements (docs/batched.md, "Speed").
 AUTO = {"cuda": True, "cpu": False}
 
-# What StackedUpdate mirrors: experiment.make_update (one model's step) and the optimizers, as fingerprints of their
+# What a batch mirrors: experiment.make_update (one model's step) with train_one (which a batch does not call: it
+# runs prepare, StackedUpdate and the loop itself), and the optimizers, as fingerprints of their
 # code (comments, docstrings and layout left out: only a change to what runs counts). An edited step (a new loss
 # term, gradient clipping) would not reach a batch: its jobs then train one by one, with a line saying so. The loop
 # around the step (lab/loop.py) is shared, so nothing else of experiment.py needs mirroring. tests/test_batched.py
 # fails when these change, so that whoever changes them updates StackedUpdate too.
-MIRRORED = {"make_update": "6646c97308", "adamw": "f3112aa80c", "adam": "abd6b96e21", "perp_adamw": "7d8f1746e2"}
+MIRRORED = {"make_update": "59d5ee3180", "adamw": "f3112aa80c", "adam": "abd6b96e21", "perp_adamw": "7d8f1746e2"}
 
 
 def fingerprint(functions: list) -> str:
@@ -65,7 +66,7 @@ def fingerprint(functions: list) -> str:
 
 def mirrored_sources(E) -> dict:
     """name -> fingerprint of the code that StackedUpdate mirrors, as it is now in experiment.py."""
-    mirrored = {"make_update": [E.make_update], "adamw": [E.adamw], "adam": [E.OPTIMIZERS["adam"]],
+    mirrored = {"make_update": [E.make_update, E.train_one], "adamw": [E.adamw], "adam": [E.OPTIMIZERS["adam"]],
                 "perp_adamw": [E.perp_adamw, E.orthogonal_gradients, E.adamw]}
     return {name: fingerprint(functions) for name, functions in mirrored.items()}
 
@@ -89,8 +90,8 @@ def why_not(E, cfg) -> str | None:
     now = mirrored_sources(E)
     changed = [name for name in ("make_update", cfg.optimizer) if now[name] != MIRRORED[name]]
     if changed:
-        return (f"experiment.py's {', '.join(changed)} differs from what lab/batched.py mirrors, so a batch "
-                "would not run the change")
+        named = ", ".join("make_update or train_one" if name == "make_update" else name for name in changed)
+        return f"experiment.py's {named} differs from what lab/batched.py mirrors, so a batch would not run the change"
     return None
 
 
