@@ -5,6 +5,7 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 
 import experiment as E
@@ -301,3 +302,51 @@ def test_a_sweep_folder_is_read_cell_by_cell_with_its_finished_jobs(tmp_path, ca
     # quietly: a cell not started and jobs without snapshots are normal in a sweep (its warnings would be noise)
     said = capsys.readouterr().err.splitlines()
     assert len(said) == 1 and "lr=0.003: no readable config.json" in said[0], said
+
+
+# ----------------------------------------------------------------------------- lab/analysis.py
+def test_metric_rows_from_every_source_with_the_first_source_kept(tmp_path, capsys):
+    """measure_rows reads the norms plugin's keys in log.jsonl, the fourier/rqi files, final_keys.json and
+    measures.jsonl into metrics.csv's rows; where two sources hold the same (layer, step, split, metric) the first
+    read is kept (log, plugin files, final keys, measures); None, nan and non-numbers are left out."""
+    from lab import analysis as A
+
+    log = [{"step": 10, "train_acc": 0.5, "val_acc": 0.05, "param_norm": 3.0, "logit_norm": None},
+           {"step": 20, "train_acc": 1.0, "val_acc": 0.5, "param_norm": 2.5, "softmax_collapse": 0.25}]
+    files.write_jsonl(str(tmp_path / "fourier.jsonl"), [{"step": 10, "topk_frac": 0.2}, {"step": 20}])
+    files.write_jsonl(str(tmp_path / "rqi.jsonl"), [{"step": 20, "rqi": 0.75}])
+    files.write_json(str(tmp_path / schema.FINAL_KEYS), {"rows": [{"step": 20, "restricted_loss": 0.125,
+                                                                     "excluded_loss": float("nan")}]})
+    files.write_jsonl(str(tmp_path / schema.MEASURES), [
+        {"step": 20, "val_acc": 0.995, "values": {"model": {"all": {"param_norm": 99.0, "restricted_loss": 1.5}},
+                                                  "last": {"val": {"silhouette": 0.5, "odd": "text"}}}},
+        {"step": 30, "val_acc": 0.5, "values": ["not", "a", "dict"]}])
+    pair = TrainedJob("r", "x_plus_y", 1, str(tmp_path), log, None)
+    rows = A.measure_rows(pair)
+    got = [(r["layer"], r["step"], r["split"], r["metric"], r["value"], r["phase"]) for r in rows]
+    assert got == [("model", 10, "all", "param_norm", 3.0, "before"),
+                   ("model", 20, "all", "param_norm", 2.5, "during"),
+                   ("model", 20, "train", "softmax_collapse", 0.25, "during"),
+                   ("embedding", 10, "all", "fourier_topk_frac", 0.2, "before"),
+                   ("embedding", 20, "all", "rqi", 0.75, "during"),
+                   ("model", 20, "all", "restricted_loss_final_keys", 0.125, "during"),
+                   ("model", 20, "all", "restricted_loss", 1.5, "after"),  # the row's own val acc, 0.995
+                   ("last", 20, "val", "silhouette", 0.5, "after")]
+    assert all((r["run"], r["op"], r["seed"]) == ("r", "x_plus_y", 1) for r in rows)
+    assert all(isinstance(r["value"], float) for r in rows)
+    said = capsys.readouterr().err
+    assert "fourier.jsonl: line 2 is corrupt, skipped" in said and "a row of step 30 is not of the measures" in said
+
+
+def test_a_log_keeps_its_good_rows_and_names_each_bad_line(tmp_path, capsys):
+    from lab import analysis as A
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "train_acc": 0.5, "val_acc": 0.1}\nnot json\n[1]\n{"step": 2, "train_acc": null, '
+                    '"val_acc": 0.2}\n{"step": 3, "val_acc": 0.3}\n{"step": 4, "train_acc": 1, "val_acc": 0.4}\n')
+    assert [r["step"] for r in A.read_log(str(path))] == [1, 4]
+    said = capsys.readouterr().err
+    assert all(f"line {n} is corrupt, skipped" in said for n in (2, 3, 4, 5)) and "line 6" not in said
+    assert A.val_acc_at([{"step": 10, "val_acc": 0.25}, {"step": 20, "val_acc": 0.5}], 15) == 0.25
+    assert A.val_acc_at([{"step": 10, "val_acc": 0.25}], 20) == 0.25
+    assert np.isnan(A.val_acc_at([{"step": 10, "val_acc": 0.25}], 5))
