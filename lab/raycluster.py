@@ -22,11 +22,6 @@ from lab.config import load_script
 from lab.job import WorkerError, label, line_due, unit_label
 
 
-def _experiment(path: str):
-    """The experiment module at path, imported once per worker process (as `experiment`, for plugin files)."""
-    return load_script(path, "experiment")
-
-
 class _Reports:
     """A task's training report: sends (job, step, metrics) to the driver's queue in one call at most every every_s
     seconds (each job's latest report: the driver's bar), at once for the steps of its lines (lab.job.line_due),
@@ -62,7 +57,7 @@ def _train_unit_task(path: str, config: dict, jobs: tuple, batched: bool, thread
     from lab.batched import Unit, train_unit
     from lab.config import config_from_dict
 
-    E = _experiment(path)
+    E = load_script(path, "experiment")  # once per worker process, as `experiment` for plugin files
     torch.set_num_threads(threads)
     try:
         cfg = config_from_dict(E.Config, config)
