@@ -17,10 +17,13 @@ RUN = 5  # consecutive measurements beyond the band that make a departure
 
 
 def grid_values(steps, values, grid) -> np.ndarray:
-    """The series' last finite value at or before each grid step (nan before its first)."""
+    """The series' last finite value at or before each grid step (nan before its first, and everywhere for a
+    series with no finite value)."""
     steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
     ok = np.isfinite(values)
     steps, values = steps[ok], values[ok]
+    if not len(values):
+        return np.full(len(grid), np.nan)
     at = np.searchsorted(steps, np.asarray(grid, dtype=float), side="right") - 1
     return np.where(at >= 0, values[np.maximum(at, 0)], np.nan)
 

@@ -176,13 +176,19 @@ import multiprocessing, multiprocessing.util, os, time
 from experiment import Plugin
 
 class SlowExit(Plugin):
-    """x_plus_y finishes last, then takes a while to exit (clean-up that runs before a lock's, as tqdm's)."""
+    """x_plus_y finishes last (it waits for permutation to have exited), then takes a while to exit (clean-up that
+    runs before a lock's, as tqdm's)."""
     name = "slow_exit"
 
     def on_train_end(self, run, final_info):
         self.lock = multiprocessing.get_context("spawn").RLock()
         if run.op == "x_plus_y":
-            time.sleep(3)
+            other = os.path.join(os.path.dirname(run.out_dir), "permutation_0", "exited_cleanly")
+            deadline = time.time() + 120
+            while not os.path.exists(other):
+                if time.time() > deadline:
+                    raise RuntimeError("permutation never exited")
+                time.sleep(0.01)
 
         def finish():
             time.sleep(1.5)
@@ -366,10 +372,34 @@ def test_failing_plugin_names_itself_and_keeps_finished_pairs(tmp_path):
     assert not (tmp_path / "r" / "final_info.json").exists()
 
 
-def test_ctrl_c_stops_every_process_with_one_line_and_keeps_finished_pairs(tmp_path):
-    args = ["--out_dir=run_c", *TINY[:2], "--steps=500", *TINY[4:], "--workers=2", "--progress=none"]
+PLUGIN_THAT_HOLDS = '''
+import os, time
+from experiment import Plugin
+from lab.job import STOP
+
+class Hold(Plugin):
+    """While the environment names a HOLD file: seed 1's jobs wait at step 5 (file 'held' in the job's folder) for a
+    stop, so a signal the test sends lands mid-training, however fast the machine."""
+    name = "hold"
+
+    def on_step_end(self, run, step):
+        if os.environ.get("HOLD") and run.seed == 1 and step == 5:
+            open(os.path.join(run.out_dir, "held"), "w").close()
+            deadline = time.time() + 120
+            while not STOP.is_set():  # SIGTERM from the parent sets it; the training loop then unwinds
+                if time.time() > deadline:
+                    raise RuntimeError("never stopped")
+                time.sleep(0.01)
+'''
+
+
+def test_ctrl_c_stops_every_process_with_one_line_and_keeps_finished_pairs(tmp_path, monkeypatch):
+    (tmp_path / "hold.py").write_text(PLUGIN_THAT_HOLDS)
+    monkeypatch.setenv("HOLD", "1")
+    args = ["--out_dir=run_c", *TINY, "--workers=2", "--progress=none", "--plugins=hold.py"]
     proc = start_experiment(args, tmp_path, new_session=True)
     wait_for(tmp_path / "run_c", "final_info_*_0.json")
+    wait_for(tmp_path / "run_c", "*_1/held")  # the run is going: a seed-1 job waits for the stop
     children = child_pids(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     _, stderr = proc.communicate(timeout=60)
@@ -380,7 +410,8 @@ def test_ctrl_c_stops_every_process_with_one_line_and_keeps_finished_pairs(tmp_p
     assert not partial_files(tmp_path / "run_c")
     finished = sorted(p.name for p in (tmp_path / "run_c").glob("final_info_*.json"))
     assert finished and "final_info.json" not in finished
-    resumed = run_script("experiment.py", args[:-1], tmp_path)  # with progress lines
+    monkeypatch.delenv("HOLD")
+    resumed = run_script("experiment.py", [a for a in args if a != "--progress=none"], tmp_path)  # with its lines
     assert resumed.stderr.count("already finished") == len(finished)
     assert (tmp_path / "run_c" / "final_info.json").exists()
 
@@ -423,12 +454,17 @@ import multiprocessing.util, os, time
 from experiment import Plugin
 
 class SlowCleanUp(Plugin):
+    """A finished child's clean-up lasts until the test has sent its Ctrl-C (the file 'signalled' in the run)."""
     name = "slow_clean_up"
 
     def on_train_end(self, run, final_info):
         def finish():
             open(os.path.join(run.out_dir, "exiting"), "w").close()
-            time.sleep(2)
+            deadline = time.time() + 120
+            while not os.path.exists(os.path.join(os.path.dirname(run.out_dir), "signalled")):
+                if time.time() > deadline:
+                    raise RuntimeError("no signal came")
+                time.sleep(0.01)
             open(os.path.join(run.out_dir, "exited_cleanly"), "w").close()
         multiprocessing.util.Finalize(None, finish, exitpriority=10)
 '''
@@ -440,7 +476,8 @@ def test_ctrl_c_while_a_finished_child_exits_lets_it_finish_quietly(tmp_path):
             "--plugins=slow.py"]
     proc = start_experiment(args, tmp_path, new_session=True)
     wait_for(tmp_path / "run_c", "*/exiting", poll=0.02)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # the child is inside its clean-up until 'signalled' exists: the run too
+    (tmp_path / "run_c" / "signalled").touch()
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
     lines = [line for line in stderr.strip().splitlines() if "measures plugin:" not in line]  # a note, not an error
