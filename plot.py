@@ -318,7 +318,7 @@ def metric_figures(run: str, op: str, pairs: list, rows: list, out_dir: str) -> 
         mine = [r for r in rows if r["layer"] == layer]
         if not mine:
             continue
-        fig, axes = plt.subplots(3, 3, figsize=(14, 11))
+        fig, axes = plt.subplots(3, 4, figsize=(18, 11))
         for ax, metric in zip(axes.flat, METRIC_SPLITS):
             for j, split in enumerate(METRIC_SPLITS[metric]):
                 plot_over_seeds(ax, [r for r in mine if r["metric"] == metric and r["split"] == split],

@@ -129,6 +129,29 @@ def participation_ratio(x: torch.Tensor) -> float:
     return (eig.sum() ** 2 / eig.pow(2).sum()).item()
 
 
+def spectrum_metrics(x: torch.Tensor) -> dict:
+    """spectral_entropy: the entropy of the covariance eigenvalues as a distribution (p = lambda / sum lambda),
+    over log of their number (1: variance spread evenly over every direction, 0: one direction); effective_rank:
+    exp of that entropy unnormalised (Roy and Vetterli 2007). Label-free (Truong et al. 2026's spectral entropy)."""
+    centred = x.float() - x.float().mean(0)
+    eig = torch.linalg.eigvalsh((centred.T @ centred).double()).clamp_min(0)
+    p = eig / eig.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"spectral_entropy": (entropy / math.log(len(eig))).item() if len(eig) > 1 else 0.0,
+            "effective_rank": entropy.exp().item()}
+
+
+def distance_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Inter/intra-class distance ratio: the mean Euclidean distance between class centroids over the mean distance
+    of each row to its class's centroid (higher: classes further apart than they are wide)."""
+    classes, inverse = torch.unique(y, return_inverse=True)
+    centroids, _ = class_centroids(x.float(), inverse, len(classes))
+    between = torch.cdist(centroids.double(), centroids.double())
+    inter = between.sum() / (len(classes) * (len(classes) - 1))
+    intra = (x.double() - centroids.double()[inverse]).norm(dim=1).mean()
+    return (inter / intra).item() if intra > 0 else float("inf")
+
+
 def metric_samples(is_train: torch.Tensor, seed: int, silhouette_rows: int = 500, knn_queries: int = 250) -> dict:
     """Fixed seeded subsamples (row indices) for the silhouette of each split and the kNN queries (val rows)."""
     gen = torch.Generator().manual_seed(seed)
@@ -169,6 +192,9 @@ def representation_metrics(x: torch.Tensor, y: torch.Tensor, is_train: torch.Ten
         neighbours = y_train[d.topk(k, largest=False).indices]  # (n_queries, k)
         votes = F.one_hot(neighbours, int(y.max()) + 1).sum(1)  # ties go to the smallest class, as in sklearn
         out.append(("knn_acc", "val", (votes.argmax(1) == y[queries]).float().mean().item()))
+    if len(torch.unique(y[is_train])) >= 2:  # the training pairs' spectrum and class distances
+        out += [(metric, "train", value) for metric, value in spectrum_metrics(x[is_train]).items()]
+        out.append(("distance_ratio", "train", distance_ratio(x[is_train], y[is_train])))
     out.append(("within_class_var", "all", within_class_var(x, y)))
     out.append(("participation_ratio", "all", participation_ratio(x)))
     return out

@@ -119,6 +119,9 @@ METRIC_SPLITS = {  # representation metric -> the splits it is computed on
     "knn_acc": ("val",),
     "within_class_var": ("all",),
     "participation_ratio": ("all",),
+    "spectral_entropy": ("train",),
+    "effective_rank": ("train",),
+    "distance_ratio": ("train",),
 }
 METRIC_TITLES = {
     "silhouette": "silhouette (higher: tighter classes)",
@@ -129,6 +132,9 @@ METRIC_TITLES = {
     "knn_acc": "kNN acc (val, k=5 train neighbours)",
     "within_class_var": "within-class share of variance (all pairs)",
     "participation_ratio": "participation ratio (effective dim)",
+    "spectral_entropy": "spectral entropy / log d (train pairs)",
+    "effective_rank": "effective rank exp(H) (train pairs)",
+    "distance_ratio": "inter/intra-class distance (train pairs)",
 }
 MODEL_MEASURES = {  # layers model / embedding: metric -> title
     "param_norm": "param_norm: L2 norm of all weights",
@@ -156,7 +162,7 @@ MODEL_READS = {"param_norm": "weights", "logit_norm": "train", "softmax_collapse
                "restricted_loss": "val_labels", "excluded_loss": "train", "restricted_loss_final_keys": "final_model",
                "excluded_loss_final_keys": "final_model", "logit_key_frac": "inputs", "fourier_topk_frac": "weights",
                "rqi": "weights"}  # the MODEL_MEASURES' kinds: restricted loss is a loss on all pairs, val included
-UNLABELLED_METRICS = ("participation_ratio",)  # representation metrics that read no class labels
+UNLABELLED_METRICS = ("participation_ratio", "spectral_entropy", "effective_rank")  # representation metrics that read no class labels
 
 
 def reads(layer: str, split: str, metric: str) -> str:

@@ -146,3 +146,44 @@ def test_load_model_rebuilds_the_final_model_offline(tiny_run):
     with open(tiny_run / "x_plus_y_1" / "model.safetensors", "rb") as f:
         header = f.read(8 + int.from_bytes(f.read(8)[:8], "little"))
     assert b"blocks.1.ffn_norm.weight" in header
+
+
+def test_the_spectrum_of_the_training_pairs_against_numpy():
+    """spectral_entropy and effective_rank from the covariance eigenvalues, as numpy computes them; the limits:
+    variance spread evenly over d directions (1 and d), all in one (0 and 1)."""
+    import numpy as np
+
+    even = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]])
+    assert M.spectrum_metrics(even) == pytest.approx({"spectral_entropy": 1.0, "effective_rank": 2.0})
+    line = torch.tensor([[1.0, 0], [-1, 0], [2, 0], [-2, 0]])
+    assert M.spectrum_metrics(line) == pytest.approx({"spectral_entropy": 0.0, "effective_rank": 1.0}, abs=1e-9)
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(0)) * torch.tensor([5.0, 3, 1, 1, 0.5, 0.1])
+    eig = np.clip(np.linalg.eigvalsh(np.cov(x.numpy().T)), 0, None)
+    p = eig / eig.sum()
+    h = -(p * np.log(p)).sum()
+    assert M.spectrum_metrics(x) == pytest.approx({"spectral_entropy": h / np.log(6), "effective_rank": np.exp(h)},
+                                                  rel=1e-5)
+
+
+def test_the_distance_ratio_against_a_direct_computation():
+    import numpy as np
+
+    x = torch.tensor([[-1.0], [-3.0], [1.0], [3.0]])  # centroids -2 and 2 (4 apart), each pair 1 from its own
+    assert M.distance_ratio(x, torch.tensor([0, 0, 1, 1])) == pytest.approx(4.0)
+    x = torch.randn(60, 3, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(60) % 4
+    c = np.stack([x.numpy()[y.numpy() == k].mean(0) for k in range(4)])
+    inter = np.mean([np.linalg.norm(c[i] - c[j]) for i in range(4) for j in range(4) if i != j])
+    intra = np.mean(np.linalg.norm(x.numpy() - c[y.numpy()], axis=1))
+    assert M.distance_ratio(x, y) == pytest.approx(inter / intra, rel=1e-6)
+    # label-free where the spectrum is: a predictor by lab.schema.reads
+    from lab.schema import is_predictor, reads
+    assert all(is_predictor(reads("last", "train", m)) for m in ("spectral_entropy", "effective_rank",
+                                                                  "distance_ratio"))
+    # in every measurement of a layer, on the training pairs
+    is_train = torch.arange(60) < 40
+    got = M.representation_metrics(x, y, is_train, M.metric_samples(is_train, 0))
+    assert {(m, s) for m, s, _ in got} >= {("spectral_entropy", "train"), ("effective_rank", "train"),
+                                           ("distance_ratio", "train")}
+    assert dict(((m, s), v) for m, s, v in got)[("distance_ratio", "train")] == pytest.approx(
+        M.distance_ratio(x[is_train], y[is_train]))
