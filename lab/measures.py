@@ -122,10 +122,15 @@ def within_class_var(x: torch.Tensor, y: torch.Tensor) -> float:
     return (within / (x - x.mean(0)).pow(2).sum(1).double().sum()).item()
 
 
+def covariance_spectrum(x: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of the rows' scatter matrix (the covariance times n - 1: every use below is scale-free)."""
+    centred = x.float() - x.float().mean(0)
+    return torch.linalg.eigvalsh((centred.T @ centred).double()).clamp_min(0)
+
+
 def participation_ratio(x: torch.Tensor) -> float:
     """(sum of covariance eigenvalues)^2 / sum of their squares: the effective dimension."""
-    centred = x.float() - x.float().mean(0)
-    eig = torch.linalg.eigvalsh((centred.T @ centred).double()).clamp_min(0)  # the 1/(n-1) cancels
+    eig = covariance_spectrum(x)
     return (eig.sum() ** 2 / eig.pow(2).sum()).item()
 
 
@@ -133,8 +138,7 @@ def spectrum_metrics(x: torch.Tensor) -> dict:
     """spectral_entropy: the entropy of the covariance eigenvalues as a distribution (p = lambda / sum lambda),
     over log of their number (1: variance spread evenly over every direction, 0: one direction); effective_rank:
     exp of that entropy unnormalised (Roy and Vetterli 2007). Label-free (Truong et al. 2026's spectral entropy)."""
-    centred = x.float() - x.float().mean(0)
-    eig = torch.linalg.eigvalsh((centred.T @ centred).double()).clamp_min(0)
+    eig = covariance_spectrum(x)
     p = eig / eig.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"spectral_entropy": (entropy / math.log(len(eig))).item() if len(eig) > 1 else 0.0,
