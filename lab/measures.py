@@ -210,6 +210,50 @@ def param_norm(model: nn.Module) -> float:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in model.parameters()])).item()
 
 
+HILL_SHARE = 0.5  # the share of a matrix's eigenvalues, largest first, that the Hill estimator reads as its tail
+MIN_SIDE = 8  # weight_alpha reads the 2-D parameters with both sides at least this (not a 4-position embedding)
+
+
+def hill_alpha(eigenvalues: torch.Tensor, share: float = HILL_SHARE) -> float:
+    """The Hill estimate of a power-law tail exponent of an empirical spectral density: with the eigenvalues
+    sorted descending and k = share of them (at least 2), alpha = 1 + (k - 1) / sum_{i<k-1} log(l_i / l_{k-1})."""
+    values = eigenvalues.double().sort(descending=True).values
+    k = max(2, int(len(values) * share))
+    logs = (values[: k - 1] / values[k - 1]).log()
+    return 1 + (k - 1) / logs.sum().item() if logs.sum() > 0 else float("nan")
+
+
+def weight_alpha(model: nn.Module) -> float:
+    """Heavy-tailed self-regularisation's layer quality (Martin & Mahoney; Prakash & Martin 2025 on grokking):
+    the tail exponent of each weight matrix's eigenvalues of W^T W (squared singular values), by hill_alpha, averaged
+    over the 2-D parameters with both sides at least MIN_SIDE; lower: heavier-tailed (more structured). Reads the
+    weights only."""
+    alphas = [hill_alpha(torch.linalg.svdvals(p.detach().double()) ** 2) for p in model.parameters()
+              if p.dim() == 2 and min(p.shape) >= MIN_SIDE]
+    alphas = [a for a in alphas if math.isfinite(a)]
+    return sum(alphas) / len(alphas) if alphas else float("nan")
+
+
+LOWFREQ_BINS = 4  # the lowest non-zero frequencies whose power loss_lowfreq sums
+LOWFREQ_MIN = 8  # evaluations since memorisation before loss_lowfreq is defined
+
+
+def lowfreq_power(losses) -> float:
+    """Notsawo et al. 2023's spectral signature of the learning curve, read from memorisation on: the training
+    losses logged at each evaluation since memorisation, as log10, their least-squares straight line removed; the
+    variance carried by its LOWFREQ_BINS lowest non-zero frequencies (rFFT, Parseval: 2 |X_k|^2 / n^2 each; the
+    Nyquist bin is not counted). nan with fewer than LOWFREQ_MIN losses. Reads the training pairs."""
+    x = torch.as_tensor(losses, dtype=torch.float64).clamp_min(torch.finfo(torch.float32).tiny).log10()
+    n = len(x)
+    if n < LOWFREQ_MIN:
+        return float("nan")
+    t = torch.arange(n, dtype=torch.float64)
+    design = torch.stack([torch.ones(n, dtype=torch.float64), t], 1)
+    residual = x - design @ torch.linalg.lstsq(design, x[:, None]).solution[:, 0]
+    bins = min(LOWFREQ_BINS, (n - 1) // 2)
+    return (2 * torch.fft.rfft(residual)[1: bins + 1].abs().pow(2).sum() / n ** 2).item()
+
+
 def logit_stats(logits: torch.Tensor, y: torch.Tensor, loss) -> dict:
     """logit_norm: mean L2 norm of the logit vectors; softmax_collapse: share of rows whose float32 probability
     of the true class (loss.probs: the softmax, for cross-entropy) is exactly 1.0 (Prieto et al. 2025: their

@@ -3,6 +3,7 @@ capture, the dense progress measures, norms, and the embedding probes. experimen
 Reference: docs/plugins.md."""
 
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -398,9 +399,11 @@ class ProgressMeasures(Plugin):
 
     Rows: {"step", "train_acc", "val_acc", "key_freqs", "values": {layer: {split: {metric: value}}}} with layers
     first/last (representation_metrics at the answer position, all 9409 pairs), model (param_norm; logit_norm and
-    softmax_collapse on the training pairs; restricted_loss, excluded_loss, logit_key_frac for cyclic ops) and
-    embedding (fourier_topk_frac for cyclic ops, rqi for ops that add residues). The validation pairs' activations
-    come from the evaluation's own forward pass (hooks), so a measurement costs one forward over the training pairs.
+    softmax_collapse on the training pairs; weight_alpha, the weights' heavy-tail exponent; loss_lowfreq, the
+    training loss's low-frequency power since memorisation; restricted_loss, excluded_loss, logit_key_frac for
+    cyclic ops) and embedding (fourier_topk_frac for cyclic ops, rqi for ops that add residues). The validation
+    pairs' activations come from the evaluation's own forward pass (hooks), so a measurement costs one forward over
+    the training pairs.
     """
 
     batchable = True
@@ -422,7 +425,7 @@ class ProgressMeasures(Plugin):
         elif run.seed == 0:  # once per op, not once per seed
             print(f"experiment.py: measures plugin: restricted/excluded loss and the Fourier measures need a cyclic "
                   f"group; {run.op} is not one, so they are not measured (the other measures are)", file=sys.stderr)
-        self.rows, self.grok_step, self.memorised, self.seconds = [], None, False, 0.0
+        self.rows, self.grok_step, self.memorised, self.seconds, self.losses = [], None, False, 0.0, []
         self.path = os.path.join(run.out_dir, MEASURES)
         self.measure(run, 0)
 
@@ -432,6 +435,8 @@ class ProgressMeasures(Plugin):
 
     def on_eval(self, run, step, metrics):
         self.memorised = self.memorised or memorised(metrics["train_acc"])  # plot.py's memorisation step
+        if self.memorised:
+            self.losses.append(metrics["train_loss"])  # every evaluation's, for loss_lowfreq
         if self.due(run.cfg, step):
             self.measure(run, step)
         if self.grok_step is None and grokked(metrics["val_acc"]):
@@ -448,8 +453,11 @@ class ProgressMeasures(Plugin):
             for metric, split, value in M.representation_metrics(whole[name], run.task.y, self.is_train,
                                                                  self.samples):
                 values.setdefault(layer, {}).setdefault(split, {})[metric] = value
-        model_values = {"all": {"param_norm": M.param_norm(run.model)},
+        model_values = {"all": {"param_norm": M.param_norm(run.model), "weight_alpha": M.weight_alpha(run.model)},
                         "train": M.logit_stats(whole["logits"][self.is_train], run.task.y[self.is_train], run.loss)}
+        lowfreq = M.lowfreq_power(self.losses)
+        if math.isfinite(lowfreq):  # from LOWFREQ_MIN evaluations after memorisation on
+            model_values["train"]["loss_lowfreq"] = lowfreq
         row = {"step": step, "train_acc": train_acc, "val_acc": val_acc}
         if self.fourier is not None:
             rows, basis = self.fourier

@@ -138,6 +138,8 @@ METRIC_TITLES = {
 }
 MODEL_MEASURES = {  # layers model / embedding: metric -> title
     "param_norm": "param_norm: L2 norm of all weights",
+    "weight_alpha": "weight_alpha: eigenvalue tail exponent (Hill)",
+    "loss_lowfreq": "train loss low-frequency power since mem.",
     "logit_norm": "logit_norm (train pairs)",
     "softmax_collapse": "softmax_collapse (train pairs)",
     "restricted_loss": "restricted loss (each step's key freqs only, all pairs)",
@@ -158,7 +160,7 @@ READS = {  # what a measure reads (and a baseline): a predictor reads no validat
     "config": "a baseline's: the configuration and other runs' outcomes, no measurement of this run",
 }
 PREDICTOR_READS = ("weights", "train", "inputs")
-MODEL_READS = {"param_norm": "weights", "logit_norm": "train", "softmax_collapse": "train",
+MODEL_READS = {"param_norm": "weights", "weight_alpha": "weights", "loss_lowfreq": "train", "logit_norm": "train", "softmax_collapse": "train",
                "restricted_loss": "val_labels", "excluded_loss": "train", "restricted_loss_final_keys": "final_model",
                "excluded_loss_final_keys": "final_model", "logit_key_frac": "inputs", "fourier_topk_frac": "weights",
                "rqi": "weights"}  # the MODEL_MEASURES' kinds: restricted loss is a loss on all pairs, val included

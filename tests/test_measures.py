@@ -187,3 +187,47 @@ def test_the_distance_ratio_against_a_direct_computation():
                                            ("distance_ratio", "train")}
     assert dict(((m, s), v) for m, s, v in got)[("distance_ratio", "train")] == pytest.approx(
         M.distance_ratio(x[is_train], y[is_train]))
+
+
+def test_the_training_loss_low_frequency_power_against_a_direct_fit():
+    """loss_lowfreq: the variance of log10 loss's lowest frequencies after the trend, against a least-squares fit
+    of those sines and cosines; a trend alone has none, a fast oscillation none, and fewer than LOWFREQ_MIN none."""
+    import numpy as np
+
+    n = 64
+    t = np.arange(n)
+    slow = 0.3 * np.cos(2 * np.pi * 2 * (t - (n - 1) / 2) / n)  # frequency 2 (of the lowest), even: no trend in it
+    fast = 0.5 * np.sin(2 * np.pi * 20 * t / n)
+    trend = -3 - 0.02 * t
+    assert M.lowfreq_power(10 ** trend) == pytest.approx(0, abs=1e-20)
+    assert M.lowfreq_power(10 ** (trend + fast)) == pytest.approx(0, abs=1e-4)
+    assert M.lowfreq_power(10 ** (trend + slow + fast)) == pytest.approx(0.3 ** 2 / 2, rel=0.02)
+    x = np.random.default_rng(0).normal(size=n).cumsum()  # any curve: the projection on those frequencies
+    design = np.column_stack([np.ones(n), t])
+    residual = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
+    waves = np.column_stack([f(2 * np.pi * k * t / n) for k in range(1, M.LOWFREQ_BINS + 1) for f in (np.cos, np.sin)])
+    fitted = waves @ np.linalg.lstsq(waves, residual, rcond=None)[0]
+    assert M.lowfreq_power(10 ** x) == pytest.approx(np.mean(fitted ** 2), rel=1e-9)
+    assert math.isnan(M.lowfreq_power([1e-3] * (M.LOWFREQ_MIN - 1)))
+
+
+def test_the_weight_spectrum_tail_exponent_against_a_direct_hill_estimate():
+    """hill_alpha on a known Pareto sample recovers its exponent; weight_alpha is the mean over the model's 2-D
+    matrices of each one's Hill estimate from numpy's singular values, and reads the weights only."""
+    import numpy as np
+    from lab.schema import reads
+
+    rng = np.random.default_rng(0)
+    pareto = torch.tensor(rng.pareto(2.0, 20000) + 1)  # density ~ x^-3: tail exponent 3 in the ESD's convention
+    assert M.hill_alpha(pareto, share=0.2) == pytest.approx(3.0, rel=0.05)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 12),
+                                torch.nn.Linear(12, 4))  # the last (4 x 12) is below MIN_SIDE: not read
+
+    def hill(w):
+        lam = np.sort(np.linalg.svd(w, compute_uv=False) ** 2)[::-1]
+        k = max(2, int(len(lam) * M.HILL_SHARE))
+        return 1 + (k - 1) / np.log(lam[: k - 1] / lam[k - 1]).sum()
+
+    expected = np.mean([hill(m.weight.detach().double().numpy()) for m in (model[0], model[2])])
+    assert M.weight_alpha(model) == pytest.approx(expected, rel=1e-9)
+    assert reads("model", "all", "weight_alpha") == "weights" and reads("model", "train", "loss_lowfreq") == "train"
