@@ -36,6 +36,7 @@ from lab.presets import REFERENCE_SETUPS  # noqa: E402
 from lab.plugins import (RESEARCH_PLUGINS, HookPoint, Plugin, PluginError, PluginHooks, Run, UsageError,  # noqa: E402
                          check_model, forward_hooks, load_plugin_file)
 from lab.schema import EXAMPLES, Job, job_dir  # noqa: E402
+from lab.rules import EarlyWarning  # noqa: E402
 
 # The plugins every run gets, in order: names in PLUGINS (capture, measures, norms, fourier, rqi: lab/plugins.py;
 # grokfast, xavier_init, layer_lr, swap_operands, step_val_acc_95: below) or paths to .py files. capture saves
@@ -98,6 +99,7 @@ class Config:
     grokfast_window: int = 100  # grokfast plugin, filter ma: gradients averaged (added once the window is full)
     fourier_topk: int = 5  # fourier plugin: how many key frequencies
     rqi_tol: float = 0.1  # rqi plugin: a parallelogram closes when its unit phases differ by less
+    warning_rules: str = ""  # earlywarning plugin: a frozen rules file; empty: lab/earlywarning_rules.json
     batched: str = "auto"  # train same-shape models as one stacked model: on, off or auto (on a GPU, not on a CPU)
     workers: int = 0  # parallel (op, seed) processes; 0 = one per core (one on a GPU)
     ray_address: str = ""  # HOST:PORT of a Ray cluster to train on (out_dir on a shared filesystem); "": train locally
@@ -571,7 +573,7 @@ class Grokfast(Plugin):
 
 
 PLUGINS = {plugin.name: plugin for plugin in (
-    *RESEARCH_PLUGINS, Grokfast, XavierInit, LayerLearningRates, SwapOperands, StepValAcc95)}
+    *RESEARCH_PLUGINS, EarlyWarning, Grokfast, XavierInit, LayerLearningRates, SwapOperands, StepValAcc95)}
 
 
 def plugin_classes(cfg: Config) -> list:

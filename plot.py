@@ -10,6 +10,7 @@ Writes, into --out_dir (default: here):
     metrics_{run}_{op}_{layer}.png                            cluster metrics over training
     metrics.csv, metrics.parquet                              every number, one tidy table
     leadlag.csv, spikes.csv                                   who moves first; spikes after grokking per seed
+    earlywarning_applied.csv                                  the frozen early-warning rules on every job
     analysis_summary.md                                       paste-ready summary for notes.txt
 Phases, metrics, spikes, lead-lag and the cache are described in docs/analysis.md.
 The machinery (reading runs, the lead-lag and spike analyses, the process pool, the cache, the tables and the
@@ -521,6 +522,9 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default=".", help="where figures, tables and the summary go")
     parser.add_argument("--no_tsne", action="store_true", help="skip the t-SNE figures")
     parser.add_argument("--workers", type=int, default=0, help="parallel processes (default: one per core)")
+    parser.add_argument("--warning_rules", default="",
+                        help="a frozen early-warning rules file to apply to the runs (default: the shipped "
+                             "lab/earlywarning_rules.json; none: apply none); writes earlywarning_applied.csv")
     parser.add_argument("--notes", default="notes.txt",
                         help="the notes file whose findings block is rewritten (empty: leave notes alone)")
     return parser.parse_args(argv)

@@ -127,17 +127,20 @@ def load_run(run_dir: str, name: str, quiet: bool = False) -> list:
     return pairs
 
 
-def measure_rows(pair: TrainedJob) -> list:
-    """Rows of metrics.csv from everything logged per step: the measures plugin's measures.jsonl (dense), the
-    norms plugin's keys in log.jsonl, and the fourier and rqi plugins' files. Where two sources hold the same
-    (layer, step, split, metric), the first read is kept: the log, then the plugin files, then measures.jsonl."""
+def measure_rows(pair: TrainedJob, measured: list | None = None) -> list:
+    """Rows of metrics.csv from everything logged per step: the measures plugin's measures.jsonl (dense; or its
+    rows `measured`, as the plugin holds them while it trains), the norms plugin's keys in log.jsonl, and the
+    fourier and rqi plugins' files. Where two sources hold the same (layer, step, split, metric), the first read is
+    kept: the log, then the plugin files, then measures.jsonl."""
     rows, seen = [], set()
+    logged = np.array([r["step"] for r in pair.log], dtype=float)
 
     def add(step, layer, split, metric, value, val_acc=None):
         if (layer, step, split, metric) in seen or value is None or not np.isfinite(value):
             return
         seen.add((layer, step, split, metric))
-        acc = val_acc if val_acc is not None else val_acc_at(pair.log, step)
+        at = int(np.searchsorted(logged, step, side="right")) - 1  # val_acc_at(pair.log, step), by bisection
+        acc = val_acc if val_acc is not None else pair.log[at]["val_acc"] if at >= 0 else float("nan")
         rows.append({"run": pair.run, "op": pair.op, "seed": pair.seed, "layer": layer, "step": step,
                      "phase": phase_of(acc), "split": split, "metric": metric, "value": float(value)})
 
@@ -156,8 +159,8 @@ def measure_rows(pair: TrainedJob) -> list:
             add(r["step"], "model", "all", "restricted_loss_final_keys", r.get("restricted_loss"))
             add(r["step"], "model", "train", "excluded_loss_final_keys", r.get("excluded_loss"))
     path = os.path.join(pair.folder, MEASURES)
-    if os.path.exists(path):
-        for r in read_log(path, required=("step", "val_acc", "values")):
+    if measured is not None or os.path.exists(path):
+        for r in measured if measured is not None else read_log(path, required=("step", "val_acc", "values")):
             try:
                 for layer, splits in r["values"].items():
                     for split, metrics in splits.items():

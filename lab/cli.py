@@ -24,7 +24,8 @@ def validate(cfg, E) -> None:
     """Raise UsageError naming the first problem in cfg. Creates nothing. Plugin files are loaded first: they may
     add entries to experiment.py's registries (an op, a model, a loss)."""
     check_contract(E)
-    E.plugin_classes(cfg)  # raises UsageError for an unknown plugin or a broken plugin file
+    for plugin in E.plugin_classes(cfg):  # raises UsageError for an unknown plugin or a broken plugin file
+        plugin.check_config(cfg)
     _check_ops(cfg, E)
     _check_numbers(cfg)
     _check_choices(cfg, E)

@@ -112,15 +112,16 @@ class WarnRun:
         return None if found is None else (found[0] - self.memorisation_step, found[1])
 
 
-def warn_run(pair, cell: str, config: dict, chance) -> WarnRun | None:
-    """The WarnRun of one finished job (lab.analysis.TrainedJob), or None when it never memorised."""
+def warn_run(pair, cell: str, config: dict, chance, measured: list | None = None, keys=None) -> WarnRun | None:
+    """The WarnRun of one job (lab.analysis.TrainedJob), or None when it never memorised; `measured`: the measures
+    plugin's rows while it trains (lab.analysis.measure_rows); keys: only these measures' series (and val acc)."""
     mem = pair.memorisation_step
     if mem is None:
         return None
-    rows = measure_rows(pair)
+    rows = measure_rows(pair, measured)
     grid = measurement_grid(pair, rows, mem)
     series = {k: onset.grid_values(steps, values, grid) for k, (steps, values) in measure_series(pair, rows).items()
-              if k != ("log", "train", "acc")}
+              if k != ("log", "train", "acc") and (keys is None or k in keys or k == ("log", "val", "acc"))}
     half = half_step(pair.log)
     tail = float(np.median([r["val_acc"] for r in pair.log[-max(1, len(pair.log) // 10):]]))
     rising = chance is not None and tail > CHANCE_TIMES * chance

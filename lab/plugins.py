@@ -37,6 +37,11 @@ class Plugin:
     # place in on_step_end; run.optimizer is None and param_groups, transform_batch and on_after_backward are not
     # available. False (a plugin written for one model): its jobs train one by one.
     batchable = False
+    last = False  # True: its hooks run after every other plugin's (it reads what they add to a step's log row)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise UsageError for a setting this plugin cannot run with; called before any file is written."""
 
     def init_model(self, run):
         """The model is built under init_seed and the optimizer is not: re-initialise run.model here (the global
@@ -139,6 +144,7 @@ class PluginHooks:
              "on_eval", "on_train_end")
 
     def __init__(self, plugins: list):
+        self.plugins = plugins = sorted(plugins, key=lambda p: p.last)  # stable: the others keep their order
         for hook in self.HOOKS:
             users = [p for p in plugins if getattr(type(p), hook) is not getattr(Plugin, hook)]
             setattr(self, hook, self._caller(hook, users))

@@ -19,7 +19,7 @@ from lab.analysis import (LEADLAG_COLUMNS, LEADLAG_HALF_WIDTH, PHASES, SPIKE_BEL
                           warn)
 from lab.files import atomic_write, read_json, write_json, write_text
 from lab.final_keys import final_key_progress_of, summary_row
-from lab import earlywarning, onset, phases
+from lab import earlywarning, onset, phases, rules
 from lab import figures as sweep_figures
 from lab.schema import (BEFORE_BELOW, CHECKPOINTS, GROKKED_ABOVE, HALF_AT, LAYERS, MEASURES, MEMORISED_AT,
                         METRIC_SPLITS, SWEEP)
@@ -433,8 +433,10 @@ def sweep_outputs(run: str, name: str, out_dir: str) -> dict:
         figures += sweep_figures.earlywarning_figure(name, table, clock, counts, out_dir)
         markdown += earlywarning.markdown(name, table, clock, counts)
         notes += earlywarning.notes(name, table, clock, counts)
+    fitted = rules.fit(runs, table, sweep) if table and any(r.status(0) == "positive" for r in runs) else None
     return {"figures": figures, "fields": sweep["fields"], "phases.csv": cells, "phase_jobs.csv": jobs,
-            "earlywarning.csv": table, "clock.csv": clock, "markdown": markdown, "notes": notes}
+            "earlywarning.csv": table, "clock.csv": clock, "markdown": markdown, "notes": notes, "rules": fitted,
+            "name": name}
 
 
 def write_sweep_tables(outputs: list, out_dir: str) -> None:
@@ -449,6 +451,11 @@ def write_sweep_tables(outputs: list, out_dir: str) -> None:
                                 "delay", "half_step", "final_val_acc"]),
             ("earlywarning.csv", earlywarning.EARLYWARNING_COLUMNS), ("clock.csv", earlywarning.CLOCK_COLUMNS)):
         write_csv(os.path.join(out_dir, file), columns, [r for o in outputs for r in o[file]])
+    fitted = [o for o in outputs if o["rules"] and o["rules"]["rules"]]
+    for o in fitted:  # each sweep's rules, fitted on all its runs: freeze one by copying it (docs/analysis.md)
+        name = rules.RULES_FILE if len(fitted) == 1 else rules.RULES_FILE.replace(
+            ".json", f"_{o['name']}.json".replace(os.sep, "_"))
+        rules.write(os.path.join(out_dir, name), o["rules"])
 
 
 def experiment_path(P) -> str:
@@ -568,6 +575,30 @@ def sweeps_analysed(sweeps: dict, out_dir: str, figures: list) -> tuple[list, li
     return [line for o in outputs for line in o["markdown"]], [line for o in outputs for line in o["notes"]]
 
 
+def frozen_rules(args) -> tuple:
+    """(rules, path) that plot.py applies: --warning_rules=FILE (a bad file is an error: RulesError), by default
+    the shipped lab/earlywarning_rules.json (a bad one is a warning), none with --warning_rules=none."""
+    if args.warning_rules == "none":
+        return None, None
+    if args.warning_rules:
+        return rules.read(args.warning_rules), args.warning_rules
+    try:
+        return rules.read(rules.SHIPPED), os.path.relpath(rules.SHIPPED)
+    except rules.RulesError as e:
+        warn(f"{e}; no frozen rules applied")
+        return None, None
+
+
+def applied_rules(frozen: tuple, run_dirs: list, out_dir: str) -> list:
+    """earlywarning_applied.csv of the frozen rules on every job; their lines for the summary and the notes."""
+    found, path = frozen
+    if found is None:
+        return []
+    applied = rules.apply(found, rules.jobs_of(run_dirs))
+    write_csv(os.path.join(out_dir, rules.APPLIED_FILE), rules.APPLIED_COLUMNS, applied)
+    return rules.summary_lines(found, path, applied) if applied else []
+
+
 def main(P, args) -> int:
     """Everything plot.py writes: figures (P's functions, in a process pool, cached), metrics.csv/parquet,
     leadlag.csv, spikes.csv, analysis_summary.md and the notes.txt block. Returns the exit code."""
@@ -576,6 +607,11 @@ def main(P, args) -> int:
     if not pairs and not sweeps:
         print("plot.py: error: no runs found (no run_* folder with results here; see --runs)", file=sys.stderr)
         return 1
+    try:
+        frozen = frozen_rules(args)
+    except rules.RulesError as e:
+        print(f"plot.py: error: {e}", file=sys.stderr)
+        return 2
     settings = P.Settings(tsne=not args.no_tsne)
     cache_dir = os.path.join(args.out_dir, ".plot_cache")
     os.makedirs(cache_dir, exist_ok=True)
@@ -611,6 +647,8 @@ def main(P, args) -> int:
               ({k: "" if v is None else round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
                for r in key_rows))
     sweep_md, sweep_notes = sweeps_analysed(sweeps, args.out_dir, figures)
+    rule_lines = applied_rules(frozen, [*runs, *sweeps], args.out_dir)
+    sweep_md, sweep_notes = sweep_md + ["", *rule_lines] * bool(rule_lines), sweep_notes + rule_lines
     summary = os.path.join(args.out_dir, "analysis_summary.md")
     write_text(summary, summary_markdown(by_op, runs, rows_by, sorted(figures), leadlag, left_out)
                + final_keys_markdown(key_rows) + "".join(f"\n{line}" for line in sweep_md))
