@@ -603,15 +603,15 @@ def main(P, args) -> int:
     """Everything plot.py writes: figures (P's functions, in a process pool, cached), metrics.csv/parquet,
     leadlag.csv, spikes.csv, analysis_summary.md and the notes.txt block. Returns the exit code."""
     gc.freeze()  # the imported modules live until exit: no collection or exit walks them (runner.cli says why)
-    runs, sweeps, pairs = find_jobs(args, P.labels)
-    if not pairs and not sweeps:
-        print("plot.py: error: no runs found (no run_* folder with results here; see --runs)", file=sys.stderr)
-        return 1
-    try:
+    try:  # bad input first: a broken --warning_rules stops plot.py before it reads or writes anything
         frozen = frozen_rules(args)
     except rules.RulesError as e:
         print(f"plot.py: error: {e}", file=sys.stderr)
         return 2
+    runs, sweeps, pairs = find_jobs(args, P.labels)
+    if not pairs and not sweeps:
+        print("plot.py: error: no runs found (no run_* folder with results here; see --runs)", file=sys.stderr)
+        return 1
     settings = P.Settings(tsne=not args.no_tsne)
     cache_dir = os.path.join(args.out_dir, ".plot_cache")
     os.makedirs(cache_dir, exist_ok=True)
