@@ -604,7 +604,7 @@ def main(P, args) -> int:
     leadlag.csv, spikes.csv, analysis_summary.md and the notes.txt block. Returns the exit code."""
     gc.freeze()  # the imported modules live until exit: no collection or exit walks them (runner.cli says why)
     try:  # bad input first: a broken --warning_rules stops plot.py before it reads or writes anything
-        frozen = frozen_rules(args)
+        explicit = frozen_rules(args) if args.warning_rules else None
     except rules.RulesError as e:
         print(f"plot.py: error: {e}", file=sys.stderr)
         return 2
@@ -612,6 +612,7 @@ def main(P, args) -> int:
     if not pairs and not sweeps:
         print("plot.py: error: no runs found (no run_* folder with results here; see --runs)", file=sys.stderr)
         return 1
+    frozen = explicit or frozen_rules(args)  # the shipped rules: a broken one is a warning, once there are runs
     settings = P.Settings(tsne=not args.no_tsne)
     cache_dir = os.path.join(args.out_dir, ".plot_cache")
     os.makedirs(cache_dir, exist_ok=True)

@@ -49,9 +49,10 @@ def test_writes_curves_pictures_table_and_summary(plotted):
     assert {r["metric"] for r in rows if r["layer"] in ("first", "last")} == set(A.METRIC_SPLITS)
     model_level = {(r["op"], r["metric"]) for r in rows if r["layer"] in ("model", "embedding")}
     assert {m for op, m in model_level if op == "x_plus_y"} == {
-        "param_norm", "logit_norm", "softmax_collapse", "restricted_loss", "excluded_loss", "logit_key_frac",
-        "fourier_topk_frac", "rqi"}
-    assert {m for op, m in model_level if op == "permutation"} == {"param_norm", "logit_norm", "softmax_collapse"}
+        "param_norm", "weight_alpha", "logit_norm", "softmax_collapse", "restricted_loss", "excluded_loss",
+        "logit_key_frac", "fourier_topk_frac", "rqi"}
+    assert {m for op, m in model_level if op == "permutation"} == {"param_norm", "weight_alpha", "logit_norm",
+                                                                    "softmax_collapse"}
     assert all(np.isfinite(float(r["value"])) for r in rows)
     import pyarrow.parquet as pq
 
