@@ -145,6 +145,8 @@ def _rule_problem(rule) -> str:
     if not isinstance(rule, dict) or not all(isinstance(rule.get(k), str) for k in ("layer", "split", "metric",
                                                                                       "reads")):
         return "needs layer, split, metric and reads (strings)"
+    if not isinstance(rule.get("held_out", {}), dict):
+        return "held_out must be a mapping of score names to numbers"
     key = (rule["layer"], rule["split"], rule["metric"])
     if rule["layer"] == "baseline":
         if rule["metric"] not in BASELINE_RULES:
@@ -238,18 +240,19 @@ def apply(rules: dict, jobs: list) -> list:
 def best(rules: dict, k: int = 3) -> list:
     """The k predictor rules of highest held-out J on the sweep they were fitted on (ties: higher C500)."""
     def score(r):
-        h = r["held_out"]
+        h = r.get("held_out", {})
         return tuple(-2.0 if h.get(s) is None else h[s] for s in ("J", "c_500"))
     return sorted((r for r in rules["rules"] if is_predictor(r["reads"])), key=score, reverse=True)[:k]
 
 
 def _held_text(rule: dict) -> str:
-    h = rule["held_out"]
+    h = {k: rule.get("held_out", {}).get(k) for k in SCORES}  # a hand-made rule may have no scores: n/a
 
     def f(x, fmt="{:.2f}"):
         return "n/a" if x is None else fmt.format(x)
-    return (f"held-out J {f(h['J'])} [{f(h['J_lo'])}, {f(h['J_hi'])}], hits {h['hits']}/{h['positives']}, "
-            f"false alarms {h['false_alarms']}/{h['negatives']}, C500 {f(h['c_500'])}")
+    return (f"held-out J {f(h['J'])} [{f(h['J_lo'])}, {f(h['J_hi'])}], hits {f(h['hits'], '{:g}')}/"
+            f"{f(h['positives'], '{:g}')}, false alarms {f(h['false_alarms'], '{:g}')}/{f(h['negatives'], '{:g}')}, "
+            f"C500 {f(h['c_500'])}")
 
 
 def threshold_text(rule: dict) -> str:

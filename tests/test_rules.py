@@ -94,6 +94,7 @@ def broken_files(rules):
         "delay": (edit(lambda r: [x.pop("delay", None) for x in r["rules"]]), "delay"),
         "horizon": (edit(lambda r: r.update(horizon=-1)), "horizon"),
         "no rules": (edit(lambda r: r.update(rules=[])), "no rules"),
+        "held_out": (edit(lambda r: r["rules"][first_measure].update(held_out=[0.5])), "held_out"),
     }
 
 
@@ -126,7 +127,7 @@ def hand_rules(path):
             ("last", "all", "participation_ratio")]
     held = {s: None for s in R.SCORES}
     rules = [{"measure": f"{k[2]} ({k[0]}, {k[1]}) {d}", "layer": k[0], "split": k[1], "metric": k[2],
-              "reads": R.reads(*k), "role": "predictor", "direction": d, "level": 1, "held_out": held}
+              "reads": R.reads(*k), "role": "predictor", "direction": d, "level": 1}  # by hand: no scores
              for k in keys for d in ("up", "down")]
     rules += [{"measure": "fixed delay", "layer": "baseline", "split": "config", "metric": "fixed_delay",
                "reads": "config", "role": "baseline", "delay": 150, "held_out": held},
