@@ -19,8 +19,8 @@ import numpy as np
 
 from lab import onset
 from lab.analysis import TrainedJob, load_run, measure_label
-from lab.earlywarning import (CHANCE_TIMES, LEVELS, OFFSETS, FixedDelay, Measure, ValAccChance, chance_of, horizon, keys_of,
-                              sweep_runs, tally, warn_run)
+from lab.earlywarning import (CHANCE_TIMES, LEVELS, OFFSETS, FixedDelay, Measure, ValAccChance, chance_of, horizon,
+                              judge, keys_of, tally, warn_run)
 from lab.files import read_json, write_json, write_jsonl
 from lab.phases import load_sweep
 from lab.plugins import Plugin, ProgressMeasures, UsageError
@@ -35,10 +35,13 @@ SCORES = ("positives", "negatives", "hits", "false_alarms", "hit_rate", "hit_lo"
           "false_alarm_lo", "false_alarm_hi", "J", "J_lo", "J_hi", "J_op", "J_op_lo", "J_op_hi", "lead", "lead_lo",
           "lead_hi", *(f"c_{o}{s}" for o in OFFSETS for s in ("", "_lo", "_hi")))
 BASELINE_RULES = {rule.key[2]: rule for rule in (FixedDelay(), ValAccChance())}
-APPLIED_COLUMNS = ["job_dir", "run", "cell", "op", "seed", "rule", "measure", "layer", "split", "metric", "reads", "role",
-                   "alarm_step", "memorisation_step", "grok_step", "half_step", "lead", "outcome"]
+APPLIED_COLUMNS = ["job_dir", "run", "cell", "op", "seed", "rule", "measure", "layer", "split", "metric", "reads",
+                   "role", "alarm_step", "memorisation_step", "grok_step", "half_step", "lead", "outcome"]
 OUTCOMES = ("hit", "miss", "false alarm", "correct rejection", "censored", "excluded", "not memorised",
             "not measured")
+
+
+FITTED_ON = {"sweep": str, "ops": list, "config": dict, "commit": str, "runs": dict}  # what the summary reads
 
 
 class RulesError(UsageError):
@@ -129,6 +132,10 @@ def read(path: str) -> dict:
     if rules.get("constants") != constants():
         raise RulesError(f"rules file {path}: fitted with constants {rules.get('constants')}, this code's are "
                          f"{constants()}: stale; refit it")
+    fitted = rules.get("fitted_on")
+    if not isinstance(fitted, dict) or not all(isinstance(fitted.get(k), t) for k, t in FITTED_ON.items()):
+        raise RulesError(f"rules file {path}: fitted_on needs " + ", ".join(f"{k} ({t.__name__})"
+                                                                            for k, t in FITTED_ON.items()))
     window = rules.get("horizon")
     if not isinstance(window, (int, float)) or isinstance(window, bool) or not window > 0:
         raise RulesError(f"rules file {path}: horizon {window!r} is not a positive number of steps")
@@ -199,12 +206,8 @@ def outcome(rule_alarm, run, window) -> str:
     """hit / miss (val accuracy reached HALF_AT: the alarm came before it or not), false alarm / correct rejection
     (it never did and stayed at chance for the horizon: an alarm within the horizon or none), censored or
     excluded (lab.earlywarning.WarnRun.status)."""
-    status = run.status(window)
-    if status == "positive":
-        return "hit" if rule_alarm is not None and rule_alarm < run.t50 else "miss"
-    if status == "negative":
-        return "false alarm" if rule_alarm is not None and rule_alarm <= window else "correct rejection"
-    return status
+    judged = judge(run, rule_alarm, window)  # the fit's own verdict, so that applied and fitted outcomes agree
+    return {"quiet": "correct rejection", None: run.status(window)}.get(judged, judged)
 
 
 def apply(rules: dict, jobs: list) -> list:

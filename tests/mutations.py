@@ -3,7 +3,8 @@
     python tests/mutations.py                 # every mutation below; prints caught / SURVIVED per mutation
     python tests/mutations.py --only 3,7      # some of them
 
-Each mutation is (file, the exact text it replaces, its replacement, what the bug means). The copy is a temporary
+Each mutation is (file, the exact text it replaces, its replacement, what the bug means[, the tests that should
+catch it: TESTS otherwise; --tests replaces both]). The copy is a temporary
 folder (lab/, tests/, experiment.py, plot.py), so the work tree is never touched; a mutation whose text is not
 found is reported as such (the code moved on: update the list). Exit code 1 when any mutation survives.
 """
@@ -15,7 +16,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = ["tests/test_earlywarning.py", "tests/test_leadlag.py"]
+TESTS = ["tests/test_earlywarning.py", "tests/test_leadlag.py"]  # a mutation's tests unless it names its own
+RULES_TESTS = ["tests/test_rules.py"]
+MEASURES_TESTS = ["tests/test_measures.py"]
 
 MUTATIONS = [
     ("lab/earlywarning.py", "[([r for r in runs if getattr(r, by) != n],", "[(list(runs),",
@@ -86,6 +89,30 @@ MUTATIONS = [
      "the notes rank a predictor without its clock verdict"),
     ("lab/analysis.py", "return half_step is not None and band_end is not None and half_step <= band_end",
      "return False", "a seed half-way inside its band timed by onsets"),
+    ("lab/rules.py", 'entry.update(direction="up" if fitted["sign"] > 0 else "down"',
+     'entry.update(direction="up" if fitted["sign"] < 0 else "down"', "a rule written with the opposite direction",
+     RULES_TESTS),
+    ("lab/rules.py", 'return Measure(key).alarm(run, {"sign": 1 if rule["direction"] == "up" else -1',
+     'return Measure(key).alarm(run, {"sign": 1 if rule["direction"] == "down" else -1',
+     "a rule read with the opposite direction", RULES_TESTS),
+    ("lab/rules.py", 'if rules["version"] != VERSION:', "if False:", "a file of another version read", RULES_TESTS),
+    ("lab/rules.py", 'if rules.get("constants") != constants():', "if False:",
+     "a file fitted under other constants read", RULES_TESTS),
+    ("lab/rules.py", "job = TrainedJob(\"\", run.op, run.seed, run.out_dir, [*run.history, metrics], None)",
+     "job = TrainedJob(\"\", run.op, run.seed, run.out_dir, run.history, None)",
+     "the live plugin reads the log without this step's row", RULES_TESTS),
+    ("lab/rules.py", "return {\"quiet\": \"correct rejection\", None: run.status(window)}.get(judged, judged)",
+     "return {\"quiet\": \"correct rejection\", None: \"censored\"}.get(judged, judged)",
+     "an excluded run applied as censored", RULES_TESTS),
+    ("lab/rules.py", 'row["lead"] = int(run.half_step - row["alarm_step"])',
+     'row["lead"] = int(row["alarm_step"] - run.half_step)', "the applied lead's sign", RULES_TESTS),
+    ("lab/measures.py", "alphas = [hill_alpha(torch.linalg.svdvals(p.detach().double()) ** 2)",
+     "alphas = [hill_alpha(torch.linalg.svdvals(p.detach().double()))",
+     "weight_alpha on singular values, not eigenvalues of W^T W", MEASURES_TESTS),
+    ("lab/measures.py", "return (2 * torch.fft.rfft(residual)[1: bins + 1]",
+     "return (2 * torch.fft.rfft(residual)[0: bins]", "loss_lowfreq counts the zero frequency", MEASURES_TESTS),
+    ("lab/measures.py", "residual = x - design @ torch.linalg.lstsq(design, x[:, None]).solution[:, 0]",
+     "residual = x - x.mean()", "loss_lowfreq without its trend removed", MEASURES_TESTS),
 ]
 
 
@@ -102,10 +129,12 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated mutation numbers (1-based)")
     parser.add_argument("--tests", default=",".join(TESTS), help="comma-separated test files to run")
     args = parser.parse_args()
+    args.tests_given = any(a.startswith("--tests") for a in sys.argv[1:])
     chosen = [int(i) for i in args.only.split(",") if i] or range(1, len(MUTATIONS) + 1)
     survived = 0
     for number in chosen:
-        path, old, new, meaning = MUTATIONS[number - 1]
+        path, old, new, meaning, *own = MUTATIONS[number - 1]
+        tests = own[0] if own and not args.tests_given else args.tests.split(",")
         with tempfile.TemporaryDirectory() as folder:
             copy_tree(folder)
             target = os.path.join(folder, path)
@@ -116,7 +145,7 @@ def main() -> int:
                 continue
             open(target, "w").write(text.replace(old, new))
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                   *args.tests.split(",")], cwd=folder, capture_output=True, text=True)
+                                   *tests], cwd=folder, capture_output=True, text=True)
             failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith("FAILED")]
             if proc.returncode == 0:
                 survived += 1

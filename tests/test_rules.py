@@ -11,6 +11,7 @@ import pytest
 
 from lab import earlywarning as W
 from lab import rules as R
+from lab.analysis import TrainedJob
 from conftest import read_json, run_script
 from test_earlywarning import JUMP, make_run
 
@@ -94,6 +95,7 @@ def broken_files(rules):
         "delay": (edit(lambda r: [x.pop("delay", None) for x in r["rules"]]), "delay"),
         "horizon": (edit(lambda r: r.update(horizon=-1)), "horizon"),
         "no rules": (edit(lambda r: r.update(rules=[])), "no rules"),
+        "fitted_on": (edit(lambda r: r["fitted_on"].pop("sweep")), "fitted_on needs"),
         "held_out": (edit(lambda r: r["rules"][first_measure].update(held_out=[0.5])), "held_out"),
     }
 
@@ -184,3 +186,31 @@ def test_a_bad_rules_file_stops_plot_and_experiment_before_any_file(fitted, tmp_
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown measure" in proc.stderr
     assert os.listdir(tmp_path / "out") == [] and not (tmp_path / "notes.txt").exists()
 
+
+
+def log_job(folder, half=None):
+    """A job as plot.py reads it, from its log alone: memorised at step 200, its train loss falling from step 2000
+    (noise before), val accuracy at 0.5 from `half` on (never when None)."""
+    rng = np.random.default_rng(0)
+    log = [{"step": s, "train_acc": 1.0 if s >= 200 else 0.5,
+            "val_acc": 0.9 if half is not None and s >= half else 0.01,
+            "train_loss": (0.1 if s < 2000 else 0.01) + 0.001 * rng.random(), "val_loss": 4.0}
+           for s in range(0, 6001, 10)]
+    return TrainedJob("run", "x_plus_y", 0, str(folder), log, None)
+
+
+def test_applied_rows_say_when_and_how_a_rule_alarmed(tmp_path):
+    """A hit's lead is half_step - alarm_step; a run half-way inside its band is excluded, not censored; one that
+    never rises is judged against the horizon."""
+    rules = {"horizon": 3000, "rules": [{"measure": "train loss", "layer": "log", "split": "train", "metric": "loss",
+                                         "reads": "train", "role": "predictor", "direction": "down", "level": 1}]}
+    jobs = [(log_job(tmp_path / "hit", half=3000), "", {}), (log_job(tmp_path / "early", half=300), "", {}),
+            (log_job(tmp_path / "flat"), "", {})]
+    hit, early, flat = R.apply(rules, jobs)
+    # raised at the 5th measurement (every 100 steps, from the log) from 2000 on
+    assert hit["alarm_step"] == 2400 and hit["half_step"] == 3000 and hit["outcome"] == "hit"
+    assert hit["lead"] == hit["half_step"] - hit["alarm_step"] and hit["memorisation_step"] == 200
+    assert early["outcome"] == "excluded" and early["half_step"] == 300
+    assert flat["half_step"] is None and flat["lead"] is None and flat["outcome"] == "false alarm"
+    rules["horizon"] = 1500  # the alarm (1800 steps after memorisation) is past the horizon: no false alarm
+    assert R.apply(rules, jobs[2:])[0]["outcome"] == "correct rejection"
