@@ -214,3 +214,14 @@ def test_applied_rows_say_when_and_how_a_rule_alarmed(tmp_path):
     assert flat["half_step"] is None and flat["lead"] is None and flat["outcome"] == "false alarm"
     rules["horizon"] = 1500  # the alarm (1800 steps after memorisation) is past the horizon: no false alarm
     assert R.apply(rules, jobs[2:])[0]["outcome"] == "correct rejection"
+
+def test_the_shipped_rules_read_and_say_what_they_were_fitted_on():
+    rules = R.read(R.SHIPPED)
+    fitted = rules["fitted_on"]
+    assert fitted["sweep"] == "sweep_ew" and len(fitted["commit"]) >= 40 and "+dirty" not in fitted["commit"]
+    assert fitted["runs"]["positive"] > 0 and fitted["runs"]["negative"] > 0
+    kinds = {r["role"] for r in rules["rules"]}
+    assert kinds == {"baseline", "predictor", "reference"}
+    assert all(r["reads"] in ("weights", "train", "inputs") for r in rules["rules"] if r["role"] == "predictor")
+    assert {r["metric"] for r in rules["rules"]} >= {"spectral_entropy", "effective_rank", "distance_ratio",
+                                                     "loss_lowfreq", "weight_alpha"}
