@@ -78,7 +78,8 @@ def rules_for(run_dir: str) -> dict:
     pair = load_run(run_dir, run_dir, quiet=True)[0]
     run = warn_run(pair, "", {}, 1 / 31)
     keys = [k for k in keys_of([run]) if is_predictor(reads(*k))]
-    return {"version": R.VERSION, "fitted_on": {}, "constants": R.constants(), "horizon": 2000,
+    return {"version": R.VERSION, "fitted_on": {"sweep": "bench", "ops": ["x_plus_y"], "config": {}, "commit": "",
+                                                "runs": {}}, "constants": R.constants(), "horizon": 2000,
             "rules": [{"measure": "-", "layer": k[0], "split": k[1], "metric": k[2], "reads": reads(*k),
                        "role": "predictor", "direction": "up", "level": 1, "held_out": {}} for k in keys]}
 
