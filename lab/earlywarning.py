@@ -446,6 +446,31 @@ def concordance(rule, runs: list, offset: int) -> dict:
             f"c_{offset}_pairs": int(sum(c[1] for c in counts))}
 
 
+def judged_as_is(rule, runs: list, window) -> list:
+    """held_out()'s [(run, verdict, lead, None), ...] for a rule used as it is, nothing fitted (a frozen rule, or
+    the config lookup reading the other seeds of each run's cell): every run judged at the given horizon."""
+    out = []
+    for run in runs:
+        if rule.reads_run(run):
+            alarm = rule.alarm(run, None, peers_of(run, runs, "cell"))
+            verdict = judge(run, alarm, window)
+            if verdict is not None:
+                out.append((run, verdict, run.t50 - alarm if verdict == "hit" else None, None))
+    return out
+
+
+def scores_as_is(rule, runs: list, window) -> dict:
+    """alarm_rates() and the within-cell C at each offset of a rule used as it is: its score's direction is its
+    own (a frozen rule's sign is in its score), not chosen on other cells."""
+    row = alarm_rates(judged_as_is(rule, runs, window))
+    for offset in OFFSETS:
+        counts = [c for c in _stratum_counts(rule, runs, runs, offset, 1).values() if c[1]]
+        low, high = stats.bootstrap(counts, stats.concordance)
+        row.update({f"c_{offset}": stats.concordance(counts), f"c_{offset}_lo": low, f"c_{offset}_hi": high,
+                    f"c_{offset}_pairs": int(sum(c[1] for c in counts))})
+    return row
+
+
 def role(kind: str) -> str:
     """baseline (reads the configuration), predictor (reads no validation labels) or reference (reads them, or
     the final model)."""

@@ -194,3 +194,57 @@ def earlywarning_figure(run: str, table: list, clock: list, counts: dict, out_di
     return [(path, f"Early warning over sweep {run}: per measure and baseline, the held-out within-cell concordance "
                    "of its value with the time to grokking (0.5: what the configuration alone gives), its held-out "
                    "hit - false-alarm rate, and its clock slope, each with a 95% interval; coloured by what it reads.")]
+
+
+def frozen_figure(rules: dict, path: str, scores: list, out_dir: str) -> list:
+    """The frozen rules on the runs they were applied to (lab.rules.frozen_scores): per rule, J here beside its
+    held-out J on the sweep it was fitted on, and its within-cell concordance here, with 95% intervals; the config
+    lookup on these runs as the line to beat."""
+    rows = [s for s in scores if s["rule"] != "" and (np.isfinite(s["J"]) or np.isfinite(s[f"c_{PRIMARY}"]))]
+    if not rows:
+        return []
+    config = next(s for s in scores if s["rule"] == "")
+    colour = {"baseline": "black", "predictor": "C0", "reference": "C1"}
+    rows.sort(key=lambda s: -np.nan_to_num(s["J"], nan=-2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.8 + 0.22 * len(rows)), sharey=True)
+    y = np.arange(len(rows))
+
+    def bars(ax, key, y, **style):
+        value = np.array([np.nan if s[key] is None else s[key] for s in rows], dtype=float)
+        low = np.array([np.nan if s[f"{key}_lo"] is None else s[f"{key}_lo"] for s in rows], dtype=float)
+        high = np.array([np.nan if s[f"{key}_hi"] is None else s[f"{key}_hi"] for s in rows], dtype=float)
+        for role, c in colour.items():
+            mine = np.array([s["role"] == role for s in rows])
+            ax.errorbar(value[mine], y[mine], xerr=np.nan_to_num([value[mine] - low[mine], high[mine] - value[mine]]),
+                        fmt="o", markersize=4, color=c, elinewidth=0.8, **style)
+
+    bars(axes[0], "fitted_J", y - 0.2, alpha=0.35)
+    bars(axes[0], "J", y + 0.1)
+    if np.isfinite(config["J"]):
+        axes[0].axvspan(config["J_lo"], config["J_hi"], color="black", alpha=0.08)
+        axes[0].axvline(config["J"], color="black", linestyle=":", linewidth=1)
+    axes[0].axvline(0, color="grey", linestyle="--", linewidth=0.8)
+    axes[0].set_xlabel(f"J = hit rate - false-alarm rate; faint: held out on {rules['fitted_on']['sweep']} (fitted "
+                       "there), solid: here, as frozen\ndotted line and band: the config lookup here (other seeds "
+                       "of the cell), 95% interval")
+    bars(axes[1], f"c_{PRIMARY}", y)
+    axes[1].axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    axes[1].set_xlabel(f"within-cell concordance with time to grokking, {PRIMARY} steps after memorisation, "
+                       "here\n(direction frozen; 0.5: the configuration alone)")
+    axes[0].set_yticks(y, [f"{s['measure']} [{s['reads']}]" for s in rows], fontsize=7)
+    for tick, s in zip(axes[0].get_yticklabels(), rows):
+        tick.set_color(colour.get(s["role"], "black"))
+    axes[0].invert_yaxis()
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Frozen rules ({os.path.basename(path)}, fitted on {rules['fitted_on']['sweep']} at "
+                 f"{rules['fitted_on']['commit'][:12]}) on these runs: {config['positives']} reach val acc 0.5, "
+                 f"{config['negatives']} stay at chance; 95% intervals (Wilson counts, bootstrap over cells)\n"
+                 "black: baselines (config), blue: predictors (no validation labels), orange: references (read "
+                 "validation labels)", fontsize=9)
+    fig.tight_layout()
+    out = os.path.join(out_dir, "earlywarning_frozen.png")
+    save(fig, out)
+    return [(out, "The frozen early-warning rules on these runs: per rule its J here beside its held-out J on the "
+                  "sweep it was fitted on, against the config lookup here, and its within-cell concordance here, "
+                  "each with a 95% interval; coloured by what it reads.")]

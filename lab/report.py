@@ -589,14 +589,21 @@ def frozen_rules(args) -> tuple:
         return None, None
 
 
-def applied_rules(frozen: tuple, run_dirs: list, out_dir: str) -> list:
-    """earlywarning_applied.csv of the frozen rules on every job; their lines for the summary and the notes."""
+def applied_rules(frozen: tuple, run_dirs: list, out_dir: str, figures: list) -> list:
+    """earlywarning_applied.csv of the frozen rules on every job, earlywarning_frozen.csv and its figure of their
+    scores there; their lines for the summary and the notes."""
     found, path = frozen
     if found is None:
         return []
-    applied = rules.apply(found, rules.jobs_of(run_dirs))
+    jobs = rules.jobs_of(run_dirs)
+    applied = rules.apply(found, jobs)
     write_csv(os.path.join(out_dir, rules.APPLIED_FILE), rules.APPLIED_COLUMNS, applied)
-    return rules.summary_lines(found, path, applied) if applied else []
+    if not applied:
+        return []
+    scores = rules.frozen_scores(found, jobs)
+    write_csv(os.path.join(out_dir, rules.FROZEN_FILE), rules.FROZEN_COLUMNS, scores)
+    figures += sweep_figures.frozen_figure(found, path, scores, out_dir)
+    return rules.summary_lines(found, path, applied, scores)
 
 
 def main(P, args) -> int:
@@ -648,7 +655,7 @@ def main(P, args) -> int:
               ({k: "" if v is None else round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
                for r in key_rows))
     sweep_md, sweep_notes = sweeps_analysed(sweeps, args.out_dir, figures)
-    rule_lines = applied_rules(frozen, [*runs, *sweeps], args.out_dir)
+    rule_lines = applied_rules(frozen, [*runs, *sweeps], args.out_dir, figures)
     sweep_md, sweep_notes = sweep_md + ["", *rule_lines] * bool(rule_lines), sweep_notes + rule_lines
     summary = os.path.join(args.out_dir, "analysis_summary.md")
     write_text(summary, summary_markdown(by_op, runs, rows_by, sorted(figures), leadlag, left_out)

@@ -19,8 +19,8 @@ import numpy as np
 
 from lab import onset
 from lab.analysis import TrainedJob, load_run, measure_label
-from lab.earlywarning import (CHANCE_TIMES, LEVELS, OFFSETS, FixedDelay, Measure, ValAccChance, chance_of, horizon,
-                              judge, keys_of, tally, warn_run)
+from lab.earlywarning import (CHANCE_TIMES, LEVELS, OFFSETS, ConfigLookup, FixedDelay, Measure, ValAccChance,
+                              chance_of, horizon, judge, keys_of, scores_as_is, tally, warn_run)
 from lab.files import read_json, write_json, write_jsonl
 from lab.phases import load_sweep
 from lab.plugins import Plugin, ProgressMeasures, UsageError
@@ -29,6 +29,7 @@ from lab.schema import HALF_AT, MEMORISED_AT, SWEEP, is_predictor, reads
 VERSION = 1  # of the file's schema and of what its numbers mean; a file of another version is refused
 RULES_FILE = "earlywarning_rules.json"
 APPLIED_FILE = "earlywarning_applied.csv"
+FROZEN_FILE = "earlywarning_frozen.csv"  # the frozen rules' scores on the runs they were applied to
 LIVE_FILE = "earlywarning.jsonl"  # the earlywarning plugin's alarms, in each job's folder
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), RULES_FILE)  # fitted on the benchmark sweep
 SCORES = ("positives", "negatives", "hits", "false_alarms", "hit_rate", "hit_lo", "hit_hi", "false_alarm_rate",
@@ -37,6 +38,10 @@ SCORES = ("positives", "negatives", "hits", "false_alarms", "hit_rate", "hit_lo"
 BASELINE_RULES = {rule.key[2]: rule for rule in (FixedDelay(), ValAccChance())}
 APPLIED_COLUMNS = ["job_dir", "run", "cell", "op", "seed", "rule", "measure", "layer", "split", "metric", "reads",
                    "role", "alarm_step", "memorisation_step", "grok_step", "half_step", "lead", "outcome"]
+FROZEN_COLUMNS = ["rule", "measure", "reads", "role", "threshold", "fitted_J", "fitted_J_lo", "fitted_J_hi",
+                  "positives", "negatives", "hits", "false_alarms", "hit_rate", "hit_lo", "hit_hi", "false_alarm_rate",
+                  "false_alarm_lo", "false_alarm_hi", "J", "J_lo", "J_hi", "lead", "lead_lo", "lead_hi",
+                  *(f"c_{o}{s}" for o in OFFSETS for s in ("", "_lo", "_hi", "_pairs"))]
 OUTCOMES = ("hit", "miss", "false alarm", "correct rejection", "censored", "excluded", "not memorised",
             "not measured")
 
@@ -210,13 +215,21 @@ def outcome(rule_alarm, run, window) -> str:
     return {"quiet": "correct rejection", None: run.status(window)}.get(judged, judged)
 
 
+def warn_runs(rules: dict, jobs: list) -> list:
+    """[(pair, cell, WarnRun or None), ...] of jobs_of()'s jobs, with the series the rules read (None: the job
+    never memorised). The WarnRun's cell is prefixed with its run folder's name, so that two runs' (op, cell)
+    strata stay apart (the config lookup's peers, the within-cell C)."""
+    keys = rule_keys(rules)
+    return [(pair, cell, warn_run(pair, f"{pair.run}/{cell}", config, chance_of(pair.folder), keys=keys))
+            for pair, cell, config in jobs]
+
+
 def apply(rules: dict, jobs: list) -> list:
     """earlywarning_applied.csv: one row per (job, rule) of jobs_of()'s jobs (rule: its number in the file, from
     1). alarm_step: the step it alarmed
     (empty: never); lead: half_step - alarm_step (negative: the alarm came after val accuracy's 50% step)."""
-    keys, window, rows = rule_keys(rules), rules["horizon"], []
-    for pair, cell, config in jobs:
-        run = warn_run(pair, cell, config, chance_of(pair.folder), keys=keys)
+    window, rows = rules["horizon"], []
+    for pair, cell, run in warn_runs(rules, jobs):
         base = {"job_dir": os.path.relpath(pair.folder), "run": pair.run, "cell": cell, "op": pair.op,
                 "seed": pair.seed, "memorisation_step": pair.memorisation_step, "grok_step": pair.grok_step,
                 "half_step": None if run is None else run.half_step}
@@ -237,6 +250,47 @@ def apply(rules: dict, jobs: list) -> list:
                         row["lead"] = int(run.half_step - row["alarm_step"])
                 row["outcome"] = outcome(alarm, run, window)
             rows.append(row)
+    return rows
+
+
+class Frozen:
+    """A frozen rule as lab.earlywarning scores a rule, nothing refitted: its alarm; as a score, its measure's
+    value signed by the rule's direction (higher: sooner), or its baseline's own score."""
+
+    alarms = True
+
+    def __init__(self, rule: dict):
+        self.rule, self.key = rule, (rule["layer"], rule["split"], rule["metric"])
+        self.sign = -1 if rule.get("direction") == "down" else 1
+
+    def reads_run(self, run) -> bool:
+        return self.key[0] == "baseline" or self.key in run.series
+
+    def alarm(self, run, fitted, peers):
+        return alarm_of(self.rule, run)
+
+    def score(self, run, offset: int, peers) -> float:
+        if self.key[0] == "baseline":
+            return BASELINE_RULES[self.key[2]].score(run, offset, peers)
+        return self.sign * run.value_at(self.key, offset)
+
+
+def frozen_scores(rules: dict, jobs: list) -> list:
+    """earlywarning_frozen.csv: every rule of the file scored as it is on jobs_of()'s jobs at the file's horizon
+    (hit and false-alarm rates with Wilson intervals, J and the leads with a bootstrap over (op, cell), the
+    within-cell C), beside its held-out J on the sweep it was fitted on; last, the config lookup on these runs
+    (alarm when most other seeds of the run's cell reach val accuracy 0.5: it reads their labels, not this run's)."""
+    mine = [run for *_, run in warn_runs(rules, jobs) if run is not None]
+    rows = []
+    for number, rule in enumerate([*rules["rules"], None], 1):
+        scorer = ConfigLookup() if rule is None else Frozen(rule)
+        entry = ({"rule": "", "measure": "config lookup (these runs)", "reads": "config", "role": "baseline"}
+                 if rule is None else {"rule": number, **{k: rule[k] for k in ("measure", "reads", "role")}})
+        held = {} if rule is None else rule.get("held_out", {})
+        entry.update({"threshold": "" if rule is None else threshold_text(rule),
+                      **{f"fitted_{k}": held.get(k) for k in ("J", "J_lo", "J_hi")},
+                      **scores_as_is(scorer, mine, rules["horizon"])})
+        rows.append(entry)
     return rows
 
 
@@ -264,8 +318,17 @@ def threshold_text(rule: dict) -> str:
     return f"{rule['delay']:g} steps after memorisation" if "delay" in rule else f"above {CHANCE_TIMES}x chance"
 
 
-def summary_lines(rules: dict, path: str, applied: list) -> list:
-    """What the frozen rules said of these runs, for analysis_summary.md and the notes.txt block."""
+def _here_text(score: dict) -> str:
+    """A frozen_scores() row in words: J here with its interval and the counts it comes from."""
+    if not score or not score["positives"] or not score["negatives"]:
+        return "J here n/a (needs runs that reach val acc 0.5 and runs that stay at chance)"
+    return (f"J here {score['J']:.2f} [{score['J_lo']:.2f}, {score['J_hi']:.2f}] ({score['hits']}/{score['positives']}"
+            f" hits, {score['false_alarms']}/{score['negatives']} false alarms)")
+
+
+def summary_lines(rules: dict, path: str, applied: list, scores: list = ()) -> list:
+    """What the frozen rules said of these runs, for analysis_summary.md and the notes.txt block; scores:
+    frozen_scores() of the same runs (J here, and the config lookup's on these runs)."""
     fitted = rules["fitted_on"]
     jobs = {r["job_dir"] for r in applied}
     lines = [f"Frozen early-warning rules ({path}: fitted on {fitted['sweep']} ({', '.join(fitted['ops'])}, "
@@ -273,6 +336,11 @@ def summary_lines(rules: dict, path: str, applied: list) -> list:
              f"{HALF_AT} and {fitted['runs'].get('negative', '?')} at chance) at commit {fitted['commit'][:12]}; "
              f"applied to {len(jobs)} job(s) here: {APPLIED_FILE}; untested on setups other than the sweep's unless "
              "docs/findings.md says so). Alarms are in the run's own post-memorisation noise units."]
+    here = {s["rule"]: s for s in scores}
+    if "" in here:
+        lines.append(f"- To beat here (scores of every rule on these runs: {FROZEN_FILE}): the config lookup, which "
+                     "alarms at memorisation when most other seeds of the run's cell reach val acc 0.5 (reads no "
+                     f"measurement), {_here_text(here[''])}.")
     number = {id(r): i for i, r in enumerate(rules["rules"], 1)}
     for rule in [*best(rules), *(r for r in rules["rules"] if r["metric"] == "fixed_delay")]:
         mine = [r for r in applied if r["rule"] == number[id(rule)]]
@@ -282,7 +350,7 @@ def summary_lines(rules: dict, path: str, applied: list) -> list:
         when = f", median {int(np.median(fired))} steps after memorisation" if fired else ""
         lines.append(f"- {rule['measure']} (reads {rule['reads']}; {threshold_text(rule)}; on {fitted['sweep']}: "
                      f"{_held_text(rule)}): alarmed in {len(fired)}/{len(mine)} job(s){when}; here: "
-                     f"{told or 'no jobs'}.")
+                     f"{told or 'no jobs'}" + (f"; {_here_text(here[number[id(rule)]])}" if here else "") + ".")
     return lines
 
 

@@ -113,6 +113,13 @@ MUTATIONS = [
      "return (2 * torch.fft.rfft(residual)[0: bins]", "loss_lowfreq counts the zero frequency", MEASURES_TESTS),
     ("lab/measures.py", "residual = x - design @ torch.linalg.lstsq(design, x[:, None]).solution[:, 0]",
      "residual = x - x.mean()", "loss_lowfreq without its trend removed", MEASURES_TESTS),
+    ("lab/rules.py", 'warn_run(pair, f"{pair.run}/{cell}", config', "warn_run(pair, cell, config",
+     "two run folders' cells of one name scored as one cell", RULES_TESTS),
+    ("lab/rules.py", 'self.sign = -1 if rule.get("direction") == "down" else 1', "self.sign = 1",
+     "a frozen rule's concordance read in one direction whatever its own", RULES_TESTS),
+    ("lab/earlywarning.py", 'alarm = rule.alarm(run, None, peers_of(run, runs, "cell"))',
+     'alarm = rule.alarm(run, None, [r for r in runs if r.stratum == run.stratum])',
+     "the config lookup on new runs reads the run's own outcome among its peers", RULES_TESTS),
 ]
 
 

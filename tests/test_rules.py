@@ -188,13 +188,13 @@ def test_a_bad_rules_file_stops_plot_and_experiment_before_any_file(fitted, tmp_
 
 
 
-def log_job(folder, half=None):
-    """A job as plot.py reads it, from its log alone: memorised at step 200, its train loss falling from step 2000
-    (noise before), val accuracy at 0.5 from `half` on (never when None)."""
+def log_job(folder, half=None, drop=2000, top=0.9):
+    """A job as plot.py reads it, from its log alone: memorised at step 200, its train loss falling from step `drop`
+    (noise before), val accuracy `top` from `half` on (never when None)."""
     rng = np.random.default_rng(0)
     log = [{"step": s, "train_acc": 1.0 if s >= 200 else 0.5,
-            "val_acc": 0.9 if half is not None and s >= half else 0.01,
-            "train_loss": (0.1 if s < 2000 else 0.01) + 0.001 * rng.random(), "val_loss": 4.0}
+            "val_acc": top if half is not None and s >= half else 0.01,
+            "train_loss": (0.1 if s < drop else 0.01) + 0.001 * rng.random(), "val_loss": 4.0}
            for s in range(0, 6001, 10)]
     return TrainedJob("run", "x_plus_y", 0, str(folder), log, None)
 
@@ -214,6 +214,44 @@ def test_applied_rows_say_when_and_how_a_rule_alarmed(tmp_path):
     assert flat["half_step"] is None and flat["lead"] is None and flat["outcome"] == "false alarm"
     rules["horizon"] = 1500  # the alarm (1800 steps after memorisation) is past the horizon: no false alarm
     assert R.apply(rules, jobs[2:])[0]["outcome"] == "correct rejection"
+
+LOSS_RULE = {"measure": "train loss", "layer": "log", "split": "train", "metric": "loss", "reads": "train",
+             "role": "predictor", "direction": "down", "level": 1, "held_out": {"J": 0.5, "J_lo": 0.1, "J_hi": 0.9}}
+
+
+def test_frozen_scores_count_the_applied_outcomes_and_beside_them_the_config_lookup(tmp_path):
+    """Cell a: three runs reach 0.5; cell b: two of three. The loss rule alarms in all six (5 hits, 1 false alarm:
+    J 0); the config lookup alarms where more than half the *other* seeds of the cell reached 0.5: the three of
+    cell a (hits) and cell b's flat run (a false alarm), not its two grokking runs (one of their two peers: misses):
+    J 3/5 - 1."""
+    rules = {"horizon": 5000, "rules": [LOSS_RULE]}
+    jobs = [(log_job(tmp_path / f"a{i}", half=3000), "a", {}) for i in range(3)]
+    jobs += [(log_job(tmp_path / f"b{i}", half=3000), "b", {}) for i in (0, 1)] + [(log_job(tmp_path / "b2"), "b", {})]
+    loss, config = R.frozen_scores(rules, jobs)
+    applied = [r["outcome"] for r in R.apply(rules, jobs)]
+    assert (loss["hits"], loss["positives"]) == (applied.count("hit"), applied.count("hit") + applied.count("miss"))
+    assert (loss["false_alarms"], loss["negatives"]) == (applied.count("false alarm"), 1)
+    assert loss["J"] == pytest.approx(0.0) and loss["fitted_J"] == 0.5 and loss["threshold"] == "down 1 band half-widths"
+    assert loss["hit_lo"] < 1 == loss["hit_rate"] and loss["lead"] == pytest.approx(600)
+    assert config["measure"].startswith("config lookup") and config["role"] == "baseline"
+    assert (config["hits"], config["positives"], config["false_alarms"], config["negatives"]) == (3, 5, 1, 1)
+    assert config["J"] == pytest.approx(-0.4)
+    other = [(TrainedJob("other", p.op, p.seed, p.folder, p.log, None), "b", {}) for p, *_ in jobs[:3]]
+    # another run folder's cell b (three runs reaching 0.5) is not this run's cell b (whose runs would then see
+    # four of five peers reach 0.5): its three hits, no more
+    assert R.frozen_scores(rules, jobs[3:] + other)[1]["hits"] == 3
+
+
+@pytest.mark.parametrize("direction, c", [("down", 1.0), ("up", 0.0)])
+def test_frozen_scores_concordance_keeps_the_rules_direction(tmp_path, direction, c):
+    """Within one cell the run whose loss falls first groks first: a falling rule orders them (C 1), a rising
+    one the wrong way round (C 0); the direction is the file's, not refitted."""
+    rules = {"horizon": 5000, "rules": [{**LOSS_RULE, "direction": direction}]}
+    jobs = [(log_job(tmp_path / "soon", half=2500, drop=1000, top=1.0), "a", {}),  # grokked: C reads its step
+            (log_job(tmp_path / "late", half=4000, drop=3000, top=1.0), "a", {})]
+    loss, _ = R.frozen_scores(rules, jobs)
+    assert loss["c_1000"] == c and loss["c_1000_pairs"] == 1
+
 
 def test_the_shipped_rules_read_and_say_what_they_were_fitted_on():
     rules = R.read(R.SHIPPED)
