@@ -206,7 +206,7 @@ def frozen_figure(rules: dict, path: str, scores: list, out_dir: str) -> list:
     config = next(s for s in scores if s["rule"] == "")
     colour = {"baseline": "black", "predictor": "C0", "reference": "C1"}
     rows.sort(key=lambda s: -np.nan_to_num(s["J"], nan=-2))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 1.8 + 0.22 * len(rows)), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 2.2 + 0.24 * len(rows)), sharey=True)
     y = np.arange(len(rows))
 
     def bars(ax, key, y, **style):
@@ -224,13 +224,15 @@ def frozen_figure(rules: dict, path: str, scores: list, out_dir: str) -> list:
         axes[0].axvspan(config["J_lo"], config["J_hi"], color="black", alpha=0.08)
         axes[0].axvline(config["J"], color="black", linestyle=":", linewidth=1)
     axes[0].axvline(0, color="grey", linestyle="--", linewidth=0.8)
-    axes[0].set_xlabel(f"J = hit rate - false-alarm rate; faint: held out on {rules['fitted_on']['sweep']} (fitted "
-                       "there), solid: here, as frozen\ndotted line and band: the config lookup here (other seeds "
-                       "of the cell), 95% interval")
-    bars(axes[1], f"c_{PRIMARY}", y)
+    sweep = rules["fitted_on"]["sweep"]
+    axes[0].set_xlabel(f"J = hit rate - false-alarm rate\nfaint: held out on {sweep}; solid: here, frozen\n"
+                       "dotted line, grey band: the config lookup here (other seeds of the cell)")
+    bars(axes[1], f"fitted_c_{PRIMARY}", y - 0.2, alpha=0.35)
+    bars(axes[1], f"c_{PRIMARY}", y + 0.1)
     axes[1].axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
-    axes[1].set_xlabel(f"within-cell concordance with time to grokking, {PRIMARY} steps after memorisation, "
-                       "here\n(direction frozen; 0.5: the configuration alone)")
+    axes[1].set_xlabel(f"within-cell concordance with time to grokking, {PRIMARY} steps after memorisation\n"
+                       f"faint: held out on {sweep}; solid: here, in the rule's direction\n"
+                       "0.5: what the configuration alone gives")
     axes[0].set_yticks(y, [f"{s['measure']} [{s['reads']}]" for s in rows], fontsize=7)
     for tick, s in zip(axes[0].get_yticklabels(), rows):
         tick.set_color(colour.get(s["role"], "black"))
@@ -245,6 +247,6 @@ def frozen_figure(rules: dict, path: str, scores: list, out_dir: str) -> list:
     fig.tight_layout()
     out = os.path.join(out_dir, "earlywarning_frozen.png")
     save(fig, out)
-    return [(out, "The frozen early-warning rules on these runs: per rule its J here beside its held-out J on the "
-                  "sweep it was fitted on, against the config lookup here, and its within-cell concordance here, "
+    return [(out, "The frozen early-warning rules on these runs: per rule its J and its within-cell concordance "
+                  "here beside their held-out values on the sweep it was fitted on, against the config lookup here, "
                   "each with a 95% interval; coloured by what it reads.")]

@@ -39,6 +39,7 @@ BASELINE_RULES = {rule.key[2]: rule for rule in (FixedDelay(), ValAccChance())}
 APPLIED_COLUMNS = ["job_dir", "run", "cell", "op", "seed", "rule", "measure", "layer", "split", "metric", "reads",
                    "role", "alarm_step", "memorisation_step", "grok_step", "half_step", "lead", "outcome"]
 FROZEN_COLUMNS = ["rule", "measure", "reads", "role", "threshold", "fitted_J", "fitted_J_lo", "fitted_J_hi",
+                  "fitted_c_500", "fitted_c_500_lo", "fitted_c_500_hi",
                   "positives", "negatives", "hits", "false_alarms", "hit_rate", "hit_lo", "hit_hi", "false_alarm_rate",
                   "false_alarm_lo", "false_alarm_hi", "J", "J_lo", "J_hi", "lead", "lead_lo", "lead_hi",
                   *(f"c_{o}{s}" for o in OFFSETS for s in ("", "_lo", "_hi", "_pairs"))]
@@ -288,7 +289,7 @@ def frozen_scores(rules: dict, jobs: list) -> list:
                  if rule is None else {"rule": number, **{k: rule[k] for k in ("measure", "reads", "role")}})
         held = {} if rule is None else rule.get("held_out", {})
         entry.update({"threshold": "" if rule is None else threshold_text(rule),
-                      **{f"fitted_{k}": held.get(k) for k in ("J", "J_lo", "J_hi")},
+                      **{f"fitted_{k}": held.get(k) for k in ("J", "J_lo", "J_hi", "c_500", "c_500_lo", "c_500_hi")},
                       **scores_as_is(scorer, mine, rules["horizon"])})
         rows.append(entry)
     return rows
