@@ -1,6 +1,7 @@
 """The statistics the early-warning and lead-lag analyses report: Wilson intervals, a seeded bootstrap over groups,
-Harrell's concordance with censoring, stratified, a slope with group fixed effects, and mean ± stderr over seeds (every
-table's and final_info.json's). NumPy only; definitions in
+Harrell's concordance with censoring, stratified, a slope with group fixed effects, mean ± stderr over seeds (every
+table's and final_info.json's), and the Kaplan-Meier median with a bootstrap interval, for steps to an event that some
+runs end before (censored: a mean over the runs that got there would read too early). NumPy only; definitions in
 docs/analysis.md ("Early warning").
 """
 
@@ -81,3 +82,37 @@ def mean_stderr(values: np.ndarray):
     if len(values) < 2:
         return mean, np.zeros_like(mean)
     return mean, values.std(0, ddof=1) / np.sqrt(len(values))
+
+
+def kaplan_meier(times, events) -> tuple:
+    """(event times, survival just after each) of the Kaplan-Meier estimate: S(t) = prod over event times t_j <= t
+    of (1 - d_j / n_j), d_j events at t_j among the n_j runs still at risk (a run censored at t_j counts as at risk
+    there). events: True where the run's event happened at its time, False where it was censored then."""
+    times, events = np.asarray(times, dtype=float), np.asarray(events, dtype=bool)
+    steps = np.unique(times[events])
+    at_risk = np.array([(times >= t).sum() for t in steps])
+    deaths = np.array([(times[events] == t).sum() for t in steps])
+    return steps, np.cumprod(1 - deaths / np.maximum(at_risk, 1))
+
+
+def km_median(times, events) -> float:
+    """The Kaplan-Meier median: the first event time at which the survival is at or below 0.5; inf when it never
+    gets there (more than half the runs outlast the budget), nan with no runs."""
+    if not len(times):
+        return float("nan")
+    steps, survival = kaplan_meier(times, events)
+    below = np.flatnonzero(survival <= 0.5 + 1e-12)
+    return float(steps[below[0]]) if len(below) else float("inf")
+
+
+def km_median_interval(times, events, n: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> tuple:
+    """(low, high): the 2.5% and 97.5% order statistics of the Kaplan-Meier median over n resamples of the runs with
+    replacement; a resample whose median is not reached counts as inf (not dropped), so high is inf when more than
+    2.5% of resamples never reach it. (nan, nan) with fewer than 2 runs."""
+    times, events = np.asarray(times, dtype=float), np.asarray(events, dtype=bool)
+    if len(times) < 2:
+        return float("nan"), float("nan")
+    picks = np.random.default_rng(seed).integers(0, len(times), size=(n, len(times)))
+    medians = np.array([km_median(times[p], events[p]) for p in picks])
+    low, high = np.quantile(medians, [0.025, 0.975], method="inverted_cdf")
+    return float(low), float(high)

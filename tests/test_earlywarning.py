@@ -51,6 +51,26 @@ def test_wilson_interval_matches_the_published_value():
     assert all(math.isnan(x) for x in stats.wilson(0, 0))
 
 
+def test_kaplan_meier_median_on_published_and_hand_counted_samples():
+    # Freireich et al.'s 6-MP arm (21 remission times in weeks, + censored): the textbook KM median is 23 weeks,
+    # survival 0.857 after week 6 (3 of 21), 0.448 after week 23
+    weeks = "6 6 6 6+ 7 9+ 10 10+ 11+ 13 16 17+ 19+ 20+ 22 23 25+ 32+ 32+ 34+ 35+".split()
+    times, events = [float(w.rstrip("+")) for w in weeks], [not w.endswith("+") for w in weeks]
+    steps, survival = stats.kaplan_meier(times, events)
+    assert steps[0] == 6 and survival[0] == pytest.approx(18 / 21)
+    assert survival[list(steps).index(23)] == pytest.approx(0.448, abs=5e-4)
+    assert stats.km_median(times, events) == 23
+    # hand-counted: the run censored at 2 leaves 3 at risk at 3 (S 0.8 * 2/3 = 0.53), 2 at 4 (0.27): median 4
+    assert stats.km_median([1, 2, 3, 4, 5], [True, False, True, True, True]) == 4
+    assert stats.km_median([1, 2, 3, 4, 5], [True] * 5) == 3  # no censoring: the sample median
+    assert stats.km_median([2, 2, 3, 3], [True] * 4) == 2  # at or below 0.5
+    assert stats.km_median([5, 6, 7], [True, False, False]) == math.inf  # S stays 2/3: not reached
+    low, high = stats.km_median_interval(times, events)
+    assert low <= 23 <= high and high == math.inf  # the resamples that lose the late events never reach 0.5
+    low, high = stats.km_median_interval([1, 2, 3, 4, 5, 6, 7, 8, 9], [True] * 9)
+    assert 1 <= low <= 5 <= high <= 9
+
+
 def test_concordance_with_censoring_on_a_hand_counted_example():
     # times 1, 2, 3, 4; the run at 2 is censored: it forms a pair only with the run at 1 (which had its event).
     times, events = [1, 2, 3, 4], [True, False, True, True]
