@@ -138,6 +138,17 @@ def _ink(rgba) -> str:
     return "black" if 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5 else "white"
 
 
+def _intervals(ax, rows: list, y, colour: dict, key: str, low: str, high: str, **style) -> None:
+    """One dot per row at row[key] with its interval [row[low], row[high]] (None: nan), coloured by its role."""
+    def column(k):
+        return np.array([np.nan if t[k] is None else t[k] for t in rows], dtype=float)
+    value, lo, hi = column(key), column(low), column(high)
+    for role, c in colour.items():
+        mine = np.array([t["role"] == role for t in rows])
+        ax.errorbar(value[mine], y[mine], xerr=np.nan_to_num([value[mine] - lo[mine], hi[mine] - value[mine]]),
+                    fmt="o", markersize=4, color=c, elinewidth=0.8, **style)
+
+
 def earlywarning_figure(run: str, table: list, clock: list, counts: dict, out_dir: str) -> list:
     """Every rule of the sweep's early-warning table, baselines first: its held-out within-cell concordance, its
     held-out J (by cell; hollow: by op), and its clock slope, each with its 95% interval; colour: what it reads."""
@@ -151,12 +162,7 @@ def earlywarning_figure(run: str, table: list, clock: list, counts: dict, out_di
     y = np.arange(len(rows))
 
     def dots(ax, key, low, high, **style):
-        value = np.array([t[key] for t in rows], dtype=float)
-        err = np.array([[v - t[low], t[high] - v] for v, t in zip(value, rows)], dtype=float).T
-        for role in colour:
-            mine = np.array([t["role"] == role for t in rows])
-            ax.errorbar(value[mine], y[mine], xerr=np.nan_to_num(err[:, mine]), fmt="o", markersize=4,
-                        color=colour[role], elinewidth=0.8, **style)
+        _intervals(ax, rows, y, colour, key, low, high, **style)
 
     dots(axes[0], f"c_{PRIMARY}", f"c_{PRIMARY}_lo", f"c_{PRIMARY}_hi")
     axes[0].axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
@@ -210,13 +216,7 @@ def frozen_figure(rules: dict, path: str, scores: list, out_dir: str) -> list:
     y = np.arange(len(rows))
 
     def bars(ax, key, y, **style):
-        value = np.array([np.nan if s[key] is None else s[key] for s in rows], dtype=float)
-        low = np.array([np.nan if s[f"{key}_lo"] is None else s[f"{key}_lo"] for s in rows], dtype=float)
-        high = np.array([np.nan if s[f"{key}_hi"] is None else s[f"{key}_hi"] for s in rows], dtype=float)
-        for role, c in colour.items():
-            mine = np.array([s["role"] == role for s in rows])
-            ax.errorbar(value[mine], y[mine], xerr=np.nan_to_num([value[mine] - low[mine], high[mine] - value[mine]]),
-                        fmt="o", markersize=4, color=c, elinewidth=0.8, **style)
+        _intervals(ax, rows, y, colour, key, f"{key}_lo", f"{key}_hi", **style)
 
     bars(axes[0], "fitted_J", y - 0.2, alpha=0.35)
     bars(axes[0], "J", y + 0.1)

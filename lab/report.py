@@ -596,11 +596,12 @@ def applied_rules(frozen: tuple, run_dirs: list, out_dir: str, figures: list) ->
     if found is None:
         return []
     jobs = rules.jobs_of(run_dirs)
-    applied = rules.apply(found, jobs)
+    runs = rules.warn_runs(found, jobs)  # each job's log and measures read once, for both tables
+    applied = rules.apply(found, jobs, runs)
     write_csv(os.path.join(out_dir, rules.APPLIED_FILE), rules.APPLIED_COLUMNS, applied)
     if not applied:
         return []
-    scores = rules.frozen_scores(found, jobs)
+    scores = rules.frozen_scores(found, jobs, runs)
     write_csv(os.path.join(out_dir, rules.FROZEN_FILE), rules.FROZEN_COLUMNS, scores)
     figures += sweep_figures.frozen_figure(found, path, scores, out_dir)
     return rules.summary_lines(found, path, applied, scores)

@@ -225,12 +225,13 @@ def warn_runs(rules: dict, jobs: list) -> list:
             for pair, cell, config in jobs]
 
 
-def apply(rules: dict, jobs: list) -> list:
+def apply(rules: dict, jobs: list, runs: list | None = None) -> list:
     """earlywarning_applied.csv: one row per (job, rule) of jobs_of()'s jobs (rule: its number in the file, from
     1). alarm_step: the step it alarmed
-    (empty: never); lead: half_step - alarm_step (negative: the alarm came after val accuracy's 50% step)."""
+    (empty: never); lead: half_step - alarm_step (negative: the alarm came after val accuracy's 50% step).
+    runs: warn_runs() of the jobs, when the caller has them already."""
     window, rows = rules["horizon"], []
-    for pair, cell, run in warn_runs(rules, jobs):
+    for pair, cell, run in runs if runs is not None else warn_runs(rules, jobs):
         base = {"job_dir": os.path.relpath(pair.folder), "run": pair.run, "cell": cell, "op": pair.op,
                 "seed": pair.seed, "memorisation_step": pair.memorisation_step, "grok_step": pair.grok_step,
                 "half_step": None if run is None else run.half_step}
@@ -276,12 +277,13 @@ class Frozen:
         return self.sign * run.value_at(self.key, offset)
 
 
-def frozen_scores(rules: dict, jobs: list) -> list:
+def frozen_scores(rules: dict, jobs: list, runs: list | None = None) -> list:
     """earlywarning_frozen.csv: every rule of the file scored as it is on jobs_of()'s jobs at the file's horizon
     (hit and false-alarm rates with Wilson intervals, J and the leads with a bootstrap over (op, cell), the
     within-cell C), beside its held-out J on the sweep it was fitted on; last, the config lookup on these runs
-    (alarm when most other seeds of the run's cell reach val accuracy 0.5: it reads their labels, not this run's)."""
-    mine = [run for *_, run in warn_runs(rules, jobs) if run is not None]
+    (alarm when most other seeds of the run's cell reach val accuracy 0.5: it reads their labels, not this run's).
+    runs: as apply()'s."""
+    mine = [run for *_, run in (runs if runs is not None else warn_runs(rules, jobs)) if run is not None]
     rows = []
     for number, rule in enumerate([*rules["rules"], None], 1):
         scorer = ConfigLookup() if rule is None else Frozen(rule)
