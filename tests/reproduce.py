@@ -29,45 +29,56 @@ from lab.analysis import format_mean_stderr, load_run  # noqa: E402
 from lab.files import read_json  # noqa: E402
 from bench_plot import cpu_description  # noqa: E402
 
-POWER_FRACTIONS = (0.3, 0.4, 0.5, 0.7)
-POWER_OPS = "x_div_y,x2_xy_y2"
-POWER_BUDGET = 2000  # the paper's is 10^5 updates
-GROKFAST_BASELINE_BUDGET = 15_000  # the paper's baseline reaches 95% at 39,890
-PRIETO_STEPS = 1000  # the paper's transformer runs: 5,000 full-batch epochs
+SEEDS = "--seeds=3"
+LEAN = ["--capture=false", "--measure=false"]  # the table reads log.jsonl (and the norms plugin's columns) only
+POWER_FRACTIONS = (0.3, 0.35, 0.4, 0.5, 0.6, 0.7)
+POWER_OPS = "x_div_y,x_minus_y"
+POWER_BUDGET = 10_000  # the paper's is 10^5 updates; 10^4 is what 2 cores afford for 36 jobs
+GROKFAST_BUDGET = 50_000  # the paper's baseline reaches 95% at 39,890
+GROKFAST_ARMS = {  # run folder suffix -> (flags, label); weight decay 0.005 and 0.01 are the filter runs' (the paper's)
+    "baseline": ([], "baseline (Adam, wd 0)"),
+    "wd0.005": (["--weight_decay=0.005"], "no filter, wd 0.005"),
+    "ema": (["--plugins=grokfast", "--weight_decay=0.005"], "Grokfast-EMA (alpha 0.98, lamb 2, wd 0.005)"),
+    "wd0.01": (["--weight_decay=0.01"], "no filter, wd 0.01"),
+    "ma": (["--plugins=grokfast", "--grokfast_filter=ma", "--grokfast_window=100", "--grokfast_lamb=5",
+            "--weight_decay=0.01"], "Grokfast-MA (window 100, lamb 5, wd 0.01)"),
+}
+PRIETO_STEPS = 5000  # the paper's transformer runs: 5,000 full-batch epochs
+PRIETO_ARMS = {  # run folder suffix -> (flags, label)
+    "softmax": ([], "softmax cross-entropy"),
+    "stablemax": (["--loss=stablemax"], "StableMax"),
+    "perp_adamw": (["--optimizer=perp_adamw"], "⊥AdamW"),
+    "softmax_wd": (["--weight_decay=1"], "softmax, weight decay 1"),
+    "fp64": (["--dtype=fp64"], "softmax in float64"),
+}
+NANDA_STEPS = 40_000
 
 # run folder (under --root) -> experiment.py flags; grouped by preset
 EXPERIMENTS = {
     "ais2024": {"ais2024": ["--ops=x_plus_y", "--seeds=1"]},  # one (op, seed) of the default run, for its time
-    "nanda2023": {"nanda2023": ["--preset=nanda2023", "--steps=20000", "--seeds=3", "--workers=2"]},
-    "grokfast2024": {
-        "grokfast2024_ema": ["--preset=grokfast2024", "--seeds=2", "--plugins=grokfast", "--weight_decay=0.005"],
-        "grokfast2024_ma": ["--preset=grokfast2024", "--seeds=1", "--plugins=grokfast", "--grokfast_filter=ma",
-                            "--grokfast_window=100", "--grokfast_lamb=5", "--weight_decay=0.01"],
-        "grokfast2024_baseline": ["--preset=grokfast2024", "--seeds=2", "--eval_every=100",
-                                  f"--steps={GROKFAST_BASELINE_BUDGET}"],
-    },
-    "power2022": {f"power2022_frac{f}": ["--preset=power2022", f"--ops={POWER_OPS}", "--seeds=1",
-                                         f"--train_frac={f}", f"--steps={POWER_BUDGET}"] for f in POWER_FRACTIONS},
-    "prieto2025": {
-        f"prieto2025_{name}": ["--preset=prieto2025", "--seeds=1", f"--steps={PRIETO_STEPS}",
-                               "--plugins=norms", *flags]
-        for name, flags in (("softmax", []), ("stablemax", ["--loss=stablemax"]),
-                            ("perp_adamw", ["--optimizer=perp_adamw"]))},
+    "nanda2023": {"nanda2023": ["--preset=nanda2023", f"--steps={NANDA_STEPS}", SEEDS],
+                  "nanda2023_wd0": ["--preset=nanda2023", f"--steps={NANDA_STEPS}", SEEDS, "--weight_decay=0"]},
+    "grokfast2024": {f"grokfast2024_{name}": ["--preset=grokfast2024", SEEDS, f"--steps={GROKFAST_BUDGET}", *LEAN,
+                                              *flags] for name, (flags, _) in GROKFAST_ARMS.items()},
+    "power2022": {f"power2022_frac{f}": ["--preset=power2022", f"--ops={POWER_OPS}", SEEDS, f"--train_frac={f}",
+                                         f"--steps={POWER_BUDGET}", *LEAN] for f in POWER_FRACTIONS},
+    "prieto2025": {f"prieto2025_{name}": ["--preset=prieto2025", SEEDS, f"--steps={PRIETO_STEPS}", "--plugins=norms",
+                                          *LEAN, *flags] for name, (flags, _) in PRIETO_ARMS.items()},
 }
 
 
-def command(root: str, folder: str, flags: list) -> list:
+def command(root: str, folder: str, flags: list, workers: int = 0) -> list:
     return [sys.executable, os.path.join(ROOT, "experiment.py"), f"--out_dir={os.path.join(root, folder)}",
-            "--progress=lines", *flags]
+            "--progress=lines", f"--workers={workers}", *flags]
 
 
-def run(root: str, presets: list, only=None) -> None:
+def run(root: str, presets: list, only=None, workers: int = 0) -> None:
     for preset in presets:
         for folder, flags in EXPERIMENTS[preset].items():
             if only and folder not in only:
                 continue
-            print(" ".join(command(root, folder, flags)), flush=True)
-            subprocess.run(command(root, folder, flags), check=True)
+            print(" ".join(command(root, folder, flags, workers)), flush=True)
+            subprocess.run(command(root, folder, flags, workers), check=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -240,13 +251,14 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default=os.path.join(ROOT, "repro"), help="where the runs go")
     parser.add_argument("--figures", default=os.path.join(ROOT, "docs", "reproduce"))
     parser.add_argument("--only", default="", help="comma-separated run folders of the presets to run")
+    parser.add_argument("--workers", type=int, default=0, help="experiment.py's --workers (0: one per core)")
     args = parser.parse_intermixed_args(argv)
     presets = list(EXPERIMENTS) if "all" in args.presets else args.presets
     unknown = [p for p in presets if p not in EXPERIMENTS]
     if unknown:
         parser.error(f"unknown preset {','.join(unknown)}: choose from {','.join(EXPERIMENTS)} or all")
     if args.action == "run":
-        run(args.root, presets, [f for f in args.only.split(",") if f])
+        run(args.root, presets, [f for f in args.only.split(",") if f], args.workers)
     else:
         report(args.root, args.figures)
     return 0
