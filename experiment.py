@@ -82,7 +82,7 @@ class Config:
     op_token: bool = True  # input [a, "o", b, "="]; false: [a, b, "="] over the elements + "=" (Nanda et al.'s)
     init: str = "torch"  # initialisation (INITS): torch (PyTorch's defaults, the template's) or nanda (N(0, 1/d_model))
     init_scale: float = 1.0  # every parameter times this after initialisation (Omnigrok's alpha)
-    dtype: str = "fp32"  # fp32, or bf16 autocast for the matrix multiplies
+    dtype: str = "fp32"  # fp32; bf16 (autocast for the matrix multiplies); fp64 (weights, activations and loss)
     device: str = "auto"  # auto (cuda when present), cpu or cuda
     plugins: tuple[str, ...] = ()  # extra plugins: builtin names or paths to .py files
     capture: bool = True  # run the activation-capture plugin
@@ -362,7 +362,16 @@ def build_model(cfg: Config, task: Task) -> nn.Module:
     model = MODELS[cfg.model](task.n_vocab, task.n_classes, cfg.num_layers, cfg.d_model, cfg.n_heads,
                               seq_len=task.x.shape[1], **shape)
     check_model(model, task, cfg.model)
-    return model
+    return model.to(FLOATS[cfg.dtype])
+
+
+# The float type of a run's weights, logits and loss, per --dtype (bf16 autocasts the matrix multiplies only).
+FLOATS = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
+
+
+def as_float(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in the type the loss is computed in: float32, or float64 where the model computes in float64."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 # ----------------------------------------------------------------------------- loss, optimizer, schedule, batches
@@ -597,7 +606,7 @@ def plugin_classes(cfg: Config) -> list:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast, loss, keep=()) -> tuple[float, float, dict]:
     """(loss, accuracy, outputs) over all of x in one pass.
 
-    outputs: "logits" (n, n_classes) float32 and, for each module name in keep, its output at the last
+    outputs: "logits" (n, n_classes) float32 (float64 for an fp64 model) and, for each module name in keep, its output at the last
     position (n, d_model) float32, taken by forward hooks that change no number.
     """
     outputs = {}
@@ -608,7 +617,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast, loss,
     model.eval()
     try:
         with forward_hooks(model, {name: hold for name in keep}), autocast():
-            logits = model(x).float()
+            logits = as_float(model(x))
     finally:
         model.train()
     acc = (logits.argmax(-1) == y).float().mean()
@@ -682,7 +691,7 @@ def make_update(run: Run):
         xb, yb = hooks.transform_batch(run, step, run.x_train[batch], run.y_train[batch])  # x_val never passes here
         with run.autocast():
             logits = model(xb)
-        loss = run.loss(logits.float(), yb)
+        loss = run.loss(as_float(logits), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         hooks.on_after_backward(run, step)

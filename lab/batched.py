@@ -46,7 +46,7 @@ AUTO = {"cuda": True, "cpu": False}
 # term, gradient clipping) would not reach a batch: its jobs then train one by one, with a line saying so. The loop
 # around the step (lab/loop.py) is shared, so nothing else of experiment.py needs mirroring. tests/test_batched.py
 # fails when these change, so that whoever changes them updates StackedUpdate too.
-MIRRORED = {"make_update": "59d5ee3180", "adamw": "f3112aa80c", "adam": "abd6b96e21", "perp_adamw": "7d8f1746e2"}
+MIRRORED = {"make_update": "a3044f1035", "adamw": "f3112aa80c", "adam": "abd6b96e21", "perp_adamw": "7d8f1746e2"}
 
 
 def fingerprint(functions: list) -> str:
@@ -81,6 +81,8 @@ def unbatchable_plugins(classes: list) -> list:
 
 def why_not(E, cfg) -> str | None:
     """Why the jobs of cfg (one sweep cell) cannot train batched, in a few words; None when they can."""
+    if cfg.dtype == "fp64":
+        return "--dtype=fp64 trains one model at a time"
     if cfg.optimizer not in BATCHED_OPTIMIZERS:
         return f"optimizer {cfg.optimizer} has no batched version (lab/batched.py: {', '.join(BATCHED_OPTIMIZERS)})"
     plugins = unbatchable_plugins(E.plugin_classes(cfg))

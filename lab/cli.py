@@ -83,7 +83,7 @@ def _check_choices(cfg, E) -> None:
         if getattr(cfg, name) not in known:
             raise UsageError(f"--{name}={getattr(cfg, name)}: choose from {','.join(known)}")
     for name, choices in (("norm", ("post", "pre", "none")), ("activation", tuple(E.ACTIVATIONS)),
-                          ("init", tuple(E.INITS)), ("grokfast_filter", ("ema", "ma")), ("dtype", ("fp32", "bf16")),
+                          ("init", tuple(E.INITS)), ("grokfast_filter", ("ema", "ma")), ("dtype", ("fp32", "bf16", "fp64")),
                           ("batched", ("auto", "on", "off"))):
         if getattr(cfg, name) not in choices:
             raise UsageError(f"--{name}={getattr(cfg, name)}: choose from {','.join(choices)}")
@@ -91,8 +91,6 @@ def _check_choices(cfg, E) -> None:
         raise UsageError(f"--init_scale={cfg.init_scale} must be positive")
     if not 0 <= cfg.stop_at_val_acc <= 1:
         raise UsageError(f"--stop_at_val_acc={cfg.stop_at_val_acc} must lie in [0, 1]")
-    if cfg.dtype not in ("fp32", "bf16"):
-        raise UsageError(f"--dtype={cfg.dtype}: choose from fp32,bf16")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device={cfg.device}: choose from auto, cpu, cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -255,10 +255,10 @@ def lowfreq_power(losses) -> float:
 
 
 def logit_stats(logits: torch.Tensor, y: torch.Tensor, loss) -> dict:
-    """logit_norm: mean L2 norm of the logit vectors; softmax_collapse: share of rows whose float32 probability
-    of the true class (loss.probs: the softmax, for cross-entropy) is exactly 1.0 (Prieto et al. 2025: their
-    gradient vanishes)."""
-    logits = logits.float()
+    """logit_norm: mean L2 norm of the logit vectors; softmax_collapse: share of rows whose probability of the true
+    class (loss.probs: the softmax, for cross-entropy), in the logits' float type (float32, or float64 in an fp64
+    run), is exactly 1.0 (Prieto et al. 2025: their gradient vanishes)."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     p_true = loss.probs(logits).gather(1, y[:, None])
     return {"logit_norm": torch.linalg.vector_norm(logits, dim=-1).mean().item(),
             "softmax_collapse": (p_true == 1.0).float().mean().item()}

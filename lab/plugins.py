@@ -124,7 +124,7 @@ class Run:
         _, _, train = self.evaluate(task.x[self.train_idx], task.y[self.train_idx], names)
         merged = {}
         for name in ("logits", *names):
-            part_train, part_val = train[name].cpu(), self.eval_outputs[name].cpu()
+            part_train, part_val = train[name].cpu().float(), self.eval_outputs[name].cpu().float()
             full = torch.empty(len(task.y), part_train.shape[1])
             full[self.train_idx], full[self.val_idx] = part_train, part_val
             merged[name] = full

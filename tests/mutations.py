@@ -18,6 +18,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ["tests/test_earlywarning.py", "tests/test_leadlag.py"]  # a mutation's tests unless it names its own
 RULES_TESTS = ["tests/test_rules.py"]
+PRESET_TESTS = ["tests/test_presets.py"]
 MEASURES_TESTS = ["tests/test_measures.py"]
 
 MUTATIONS = [
@@ -120,6 +121,10 @@ MUTATIONS = [
     ("lab/earlywarning.py", 'alarm = rule.alarm(run, None, peers_of(run, runs, "cell"))',
      'alarm = rule.alarm(run, None, [r for r in runs if r.stratum == run.stratum])',
      "the config lookup on new runs reads the run's own outcome among its peers", RULES_TESTS),
+    ("experiment.py", "loss = run.loss(as_float(logits), yb)", "loss = run.loss(logits.float(), yb)",
+     "an fp64 run's training loss computed in float32", PRESET_TESTS),
+    ("lab/measures.py", "logits = logits if logits.dtype == torch.float64 else logits.float()",
+     "logits = logits.float()", "an fp64 run's softmax collapse counted in float32", PRESET_TESTS),
 ]
 
 

@@ -52,7 +52,7 @@ def test_bad_preset_or_block_is_one_line_before_any_file(tmp_path):
     for flags, says in ((["--preset=power2021"], "--preset=power2021"), (["--norm=mid"], "--norm=mid"),
                         (["--activation=tanh"], "--activation=tanh"), (["--init_scale=0"], "--init_scale=0"),
                         (["--stop_at_val_acc=1.5"], "--stop_at_val_acc"), (["--batch_size=-1"], "--batch_size"),
-                        (["--grokfast_filter=kalman"], "--grokfast_filter")):
+                        (["--grokfast_filter=kalman"], "--grokfast_filter"), (["--dtype=fp16"], "fp32,bf16,fp64")):
         proc = run_script("experiment.py", [f"--out_dir={tmp_path / 'run'}", *flags], tmp_path, check=False)
         assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, flags
         assert not (tmp_path / "run").exists()
@@ -256,3 +256,39 @@ def test_example_plugins_on_a_one_layer_model(tmp_path):
     lr_of = {id(p): g["lr"] for g in E.LayerLearningRates().param_groups(run) for p in g["params"]}
     named = dict(run.model.named_parameters())
     assert lr_of[id(named["blocks.0.qkv.weight"])] == cfg.lr and lr_of[id(named["head.weight"])] == 2 * cfg.lr
+
+
+def test_fp64_trains_evaluates_and_saves_in_float64(tmp_path):
+    """--dtype=fp64 (Prieto et al.'s other remedy for softmax collapse): weights, logits, loss and gradient in
+    float64, saved and rebuilt in float64, and measured as float64. A float32 cast anywhere on the way shows as an
+    error of about 1e-7, far above the 1e-12 asserted."""
+    from lab import batched
+    from lab.measures import logit_stats
+
+    cfg = tiny(tmp_path, "prieto2025", ops=("x_plus_y",), dtype="fp64", steps=3, eval_every=1, capture=False,
+               measure=False, plugins=("norms",))
+    run = E.prepare(cfg, Job("x_plus_y", 0))
+    assert {p.dtype for p in run.model.parameters()} == {torch.float64}
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    E.make_update(run)(1)  # one full-batch update; its gradient stays in p.grad
+    reference = E.build_model(cfg, run.task)
+    reference.load_state_dict(before)
+    torch.nn.functional.cross_entropy(reference(run.x_train), run.y_train).backward()  # float64 throughout
+    for (name, p), q in zip(run.model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15, msg=name)
+
+    write_json(tmp_path / "config.json", config_dict(cfg))
+    last = E.train_one(cfg, Job("x_plus_y", 0))["log"][-1]
+    assert {t.dtype for t in load_file(tmp_path / "x_plus_y_0" / "model.safetensors").values()} == {torch.float64}
+    model, task = load_model(E, str(tmp_path), "x_plus_y", 0), load_task(E, str(tmp_path), "x_plus_y")
+    split = pq.read_table(tmp_path / "x_plus_y_0" / "examples.parquet", columns=["split"]).column(0).to_pylist()
+    val = torch.tensor([s == "val" for s in split])
+    with torch.inference_mode():
+        logits = model(task.x[val])
+    assert logits.dtype == torch.float64
+    assert abs(torch.nn.functional.cross_entropy(logits, task.y[val]).item() - last["val_loss"]) < 1e-12
+
+    margin = torch.tensor([[30.0, 0.0, 0.0]], dtype=torch.float64)  # p(true) = 1 - 2e-13: exactly 1 in float32
+    assert logit_stats(margin, torch.tensor([0]), E.LOSSES["cross_entropy"])["softmax_collapse"] == 0.0
+    assert logit_stats(margin.float(), torch.tensor([0]), E.LOSSES["cross_entropy"])["softmax_collapse"] == 1.0
+    assert batched.why_not(E, cfg) == "--dtype=fp64 trains one model at a time"
