@@ -308,8 +308,11 @@ class Norms(Plugin):
 
     param_norm: L2 norm of all parameters (Omnigrok, Liu et al. 2022).
     logit_norm: mean L2 norm of the training examples' logit vectors.
-    softmax_collapse: share of training examples whose float32 softmax probability of the
-    true class is exactly 1.0 (Prieto et al. 2025, "Grokking at the edge of numerical stability").
+    softmax_collapse: share of training examples whose softmax probability of the true class is exactly 1.0 in
+    the run's float type (Prieto et al. 2025, "Grokking at the edge of numerical stability").
+    grad_norm: L2 norm of the last update's gradient as the optimizer received it (after on_after_backward, e.g.
+    grokfast's filter; in a full-batch run the whole training loss's gradient); absent at step 0 and in a batch of
+    models.
     Costs one forward over the training pairs per evaluation.
     """
 
@@ -320,6 +323,9 @@ class Norms(Plugin):
     @torch.inference_mode()
     def on_eval(self, run, step, metrics):
         metrics["param_norm"] = M.param_norm(run.model)
+        grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+        if grads and run.batch is None:  # a batch's gradients live in its stacked parameters
+            metrics["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
         x, y = run.task.x[run.train_idx].to(run.device), run.task.y[run.train_idx].to(run.device)
         _, _, outputs = run.evaluate(x, y)
         metrics.update(M.logit_stats(outputs["logits"], y, run.loss))  # logits (n_train, n_classes)

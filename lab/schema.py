@@ -142,6 +142,7 @@ MODEL_MEASURES = {  # layers model / embedding: metric -> title
     "loss_lowfreq": "train loss low-frequency power since mem.",
     "logit_norm": "logit_norm (train pairs)",
     "softmax_collapse": "softmax_collapse (train pairs)",
+    "grad_norm": "grad_norm: the last update's gradient",
     "restricted_loss": "restricted loss (each step's key freqs only, all pairs)",
     "excluded_loss": "excluded loss (each step's key freqs removed, train)",
     "restricted_loss_final_keys": "restricted loss (final model's key freqs only, all pairs)",
@@ -161,7 +162,7 @@ READS = {  # what a measure reads (and a baseline): a predictor reads no validat
 }
 PREDICTOR_READS = ("weights", "train", "inputs")
 MODEL_READS = {"param_norm": "weights", "weight_alpha": "weights", "loss_lowfreq": "train", "logit_norm": "train", "softmax_collapse": "train",
-               "restricted_loss": "val_labels", "excluded_loss": "train", "restricted_loss_final_keys": "final_model",
+               "grad_norm": "train", "restricted_loss": "val_labels", "excluded_loss": "train", "restricted_loss_final_keys": "final_model",
                "excluded_loss_final_keys": "final_model", "logit_key_frac": "inputs", "fourier_topk_frac": "weights",
                "rqi": "weights"}  # the MODEL_MEASURES' kinds: restricted loss is a loss on all pairs, val included
 UNLABELLED_METRICS = ("participation_ratio", "spectral_entropy", "effective_rank")  # representation metrics that read no class labels
@@ -184,7 +185,7 @@ def is_predictor(kind: str) -> bool:
     return kind in PREDICTOR_READS
 
 
-LOG_METRICS = {"param_norm": "all", "logit_norm": "train", "softmax_collapse": "train"}  # norms plugin, in log.jsonl
+LOG_METRICS = {"param_norm": "all", "logit_norm": "train", "softmax_collapse": "train", "grad_norm": "train"}  # norms plugin, in log.jsonl
 PLUGIN_FILES = {"fourier": ("topk_frac", "fourier_topk_frac"), "rqi": ("rqi", "rqi")}  # file -> (key, metric)
 LOG_MEASURES = [("train", "loss", "train_loss"), ("val", "loss", "val_loss"), ("train", "acc", "train_acc"),
                 ("val", "acc", "val_acc")]  # learning curves as measures: (split, metric, log key), layer "log"

@@ -70,6 +70,30 @@ def test_norms_are_logged_and_correct(tmp_path):
         model.head.bias.copy_(torch.tensor([2.0, 0, 0, 0, 0]))
     Norms().on_eval(run, 10, metrics)
     assert metrics["softmax_collapse"] == 0.0
+    assert "grad_norm" not in metrics  # no update yet: no gradient
+    for p, value in zip(model.parameters(), (3.0, 4.0)):
+        p.grad = torch.zeros_like(p)
+        p.grad.view(-1)[0] = value
+    Norms().on_eval(run, 10, metrics)
+    assert metrics["grad_norm"] == pytest.approx(5.0)
+
+
+def test_grad_norm_is_the_last_updates_full_batch_gradient(tmp_path):
+    """With lr 0 the weights stay at their initial values, so every logged grad_norm of a full-batch run is the
+    training loss's gradient norm at the saved model."""
+    from lab.job import load_model, load_task
+
+    run_script("experiment.py", ["--out_dir=r", *SMALL, "--ops=x_plus_y", "--plugins=norms", "--sampler=full",
+                                 "--lr=0", "--capture=false", "--measure=false"], tmp_path)
+    logged = [row["grad_norm"] for row in log_of(tmp_path / "r" / "x_plus_y_0")]
+    model, task = load_model(E, str(tmp_path / "r"), "x_plus_y", 0), load_task(E, str(tmp_path / "r"), "x_plus_y")
+    import pyarrow.parquet as pq
+    split = pq.read_table(tmp_path / "r" / "x_plus_y_0" / "examples.parquet", columns=["split"]).column(0)
+    train = torch.tensor([s == "train" for s in split.to_pylist()])
+    model.train()
+    torch.nn.functional.cross_entropy(model(task.x[train]), task.y[train]).backward()
+    expected = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))
+    assert len(logged) == 4 and logged == pytest.approx([expected] * 4, rel=1e-4)
 
 
 def test_fourier_finds_known_frequencies():
