@@ -12,7 +12,8 @@ command says its own.
 """
 
 import argparse
-import json
+import csv
+import math
 import os
 import subprocess
 import sys
@@ -25,8 +26,11 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lab.analysis import format_mean_stderr, load_run  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lab.analysis import load_run  # noqa: E402
 from lab.files import read_json  # noqa: E402
+from lab.stats import bootstrap, kaplan_meier, km_median, km_median_interval, km_ratio_interval  # noqa: E402
 from bench_plot import cpu_description  # noqa: E402
 
 SEEDS = "--seeds=3"
@@ -82,52 +86,73 @@ def run(root: str, presets: list, only=None, workers: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------- report
-def finished(root: str, folder: str, also_unfinished: bool = False) -> list:
-    """The jobs of a run folder that finished (and, with also_unfinished, those stopped early with a log)."""
+def finished(root: str, folder: str) -> tuple:
+    """(finished jobs, how many have started but not finished) of a run folder."""
     path = os.path.join(root, folder)
     pairs = load_run(path, path) if os.path.isdir(path) else []
-    return [p for p in pairs if p.final is not None or (also_unfinished and p.log)]
+    return [p for p in pairs if p.final is not None], sum(p.final is None and bool(p.log) for p in pairs)
 
 
 def first_step_above(log: list, level: float):
     return next((r["step"] for r in log if r["val_acc"] > level), None)
 
 
+def event_times(pairs: list, level: float) -> tuple:
+    """(times, events) per job: the first evaluation with val accuracy above level (an event), else the last
+    evaluated step (censored there: the run ended, at its budget or stopped, before it)."""
+    steps = [first_step_above(p.log, level) for p in pairs]
+    return ([s if s is not None else p.log[-1]["step"] for s, p in zip(steps, pairs)], [s is not None for s in steps])
+
+
 def seconds(pair) -> float:
     return read_json(os.path.join(pair.folder, "run.json"))["train_seconds"]
 
 
-def mean_err(values, fmt=".0f") -> str:
-    return format_mean_stderr(values, fmt, fmt) if len(values) else "n/a"
+def number(x: float, fmt: str = ",.0f") -> str:
+    return "not reached" if x == math.inf else "n/a" if not np.isfinite(x) else format(x, fmt)
 
 
-def report_nanda(root: str, figures: str) -> dict:
-    import plot
-    from lab.final_keys import final_key_progress_of, summary_row
+def interval(low: float, high: float, fmt: str = ",.0f") -> str:
+    return "" if not (np.isfinite(low) or low == math.inf) else f" [{number(low, fmt)}, {number(high, fmt)}]"
 
-    pairs = finished(root, "nanda2023")
-    if not pairs:
-        return {}
-    rows = [summary_row(p, final_key_progress_of(p.run, p.op, p.seed)) for p in pairs]
-    made = plot.final_keys_figure("nanda2023", "x_plus_y", pairs, rows, figures)
-    os.replace(made[0][0], os.path.join(figures, "nanda2023.png"))
 
-    def stat(key):
-        values = [r[key] for r in rows if r[key] is not None]
-        return f"{mean_err(values)} ({sum(v > 0 for v in values)}/{len(rows)} seeds > 0)" if "lead" in key \
-            else mean_err(values)
+def verdict(paper: float, median: float, low: float, high: float, budget: float | None = None) -> str:
+    """A numeric headline against ours: 'reproduces' when the paper's value lies in our 95% interval; 'within Nx'
+    when our estimate is within a factor N <= 4 of it (N the factor rounded up, at least 2); 'does not' beyond;
+    'not measured' with no runs, or where our runs end (budget) before the paper's value and have not got there."""
+    if np.isnan(median):
+        return "not measured: no finished runs"
+    if median == math.inf:
+        if budget is not None and budget < paper:
+            return f"not measured: the budget ({budget:,.0f}) ends before the paper's {paper:,.0f}"
+        return f"does not: not reached by {budget:,.0f}" if budget is not None else "does not: not reached"
+    if np.isfinite(low) and low <= paper <= high or median == paper:
+        return "reproduces"
+    factor = max(median / paper, paper / median)
+    side = "above" if median > paper else "below"
+    if factor <= 4:
+        return f"within {max(2, math.ceil(factor))}x ({side})"
+    return f"does not: {factor:.1f}x {side} the paper's"
 
-    grok = [p.grok_step for p in pairs if p.grok_step is not None]
-    return {
-        "seeds": len(pairs), "key_freqs": "; ".join(r["key_freqs"] for r in rows),
-        "n_key_freqs": [r["n_key_freqs"] for r in rows],
-        "key_shares": "; ".join(r["key_shares"] for r in rows),
-        "memorisation_end": stat("memorisation_end"), "test_loss_peak": stat("test_loss_peak"),
-        "circuit_formation_end": stat("circuit_formation_end"),
-        "cleanup_end": stat("cleanup_end"), "grok_step": mean_err(grok) + f" ({len(grok)}/{len(pairs)} grokked)",
-        **{k: stat(k) for k in rows[0] if k.startswith("lead_")},
-        "seconds": [seconds(p) for p in pairs], "steps": [p.log[-1]["step"] for p in pairs],
-    }
+
+def claim(holds, why: str) -> str:
+    """A qualitative headline: 'reproduces' or 'does not' (holds True / False), 'not measured' (None), with why."""
+    return f"{ {True: 'reproduces', False: 'does not', None: 'not measured'}[holds]}: {why}"
+
+
+def km_cell(times, events) -> tuple:
+    """(median, low, high, 'median [low, high] (k/n reached)') of steps to an event, Kaplan-Meier over the runs."""
+    median, (low, high) = km_median(times, events), km_median_interval(times, events)
+    return median, low, high, f"{number(median)}{interval(low, high)} ({sum(events)}/{len(events)} reached)"
+
+
+def row(preset: str, headline: str, source: str, ours: str, budget: str, pairs: list, verdict_: str,
+        file: str, running: int = 0) -> dict:
+    times = [seconds(p) for p in pairs]
+    return {"preset": preset, "headline": headline, "source": source, "this project (95% interval)": ours,
+            "budget": budget, "seeds": f"{len(pairs)}" + (f" (+{running} running)" if running else ""),
+            "one seed, minutes": f"{np.median(times) / 60:.1f}" if times else "n/a", "verdict": verdict_,
+            "file": file}
 
 
 def save_panels(fig, axes, path: str, title: str, xlabel: str, ylabels: list) -> None:
@@ -136,112 +161,226 @@ def save_panels(fig, axes, path: str, title: str, xlabel: str, ylabels: list) ->
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def report_grokfast(root: str, figures: str) -> dict:
-    out = {}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (name, label) in enumerate((("baseline", "baseline (Adam, wd 0)"),
-                                       ("ema", "Grokfast-EMA (alpha 0.98, lamb 2, wd 0.005)"),
-                                       ("ma", "Grokfast-MA (window 100, lamb 5, wd 0.01)"))):
-        pairs = finished(root, f"grokfast2024_{name}", also_unfinished=True)
+def km_curve(ax, times, events, color: str, label: str) -> None:
+    """The share of runs not yet at the event against the step (Kaplan-Meier), censored runs as ticks."""
+    steps, survival = kaplan_meier(times, events)
+    ax.step([0, *steps], [1, *survival], where="post", color=color, label=label)
+    for t, e in zip(times, events):
+        if not e:
+            ax.plot([t], [survival[np.searchsorted(steps, t, side="right") - 1] if len(steps) and t >= steps[0]
+                          else 1], "|", color=color, markersize=10)
+
+
+def report_nanda(root: str, figures: str) -> list:
+    import plot
+    from lab.final_keys import final_key_progress_of, summary_row
+
+    pairs, running = finished(root, "nanda2023")
+    rows = []
+    if pairs:
+        found = [summary_row(p, final_key_progress_of(p.run, p.op, p.seed)) for p in pairs]
+        made = plot.final_keys_figure("nanda2023", "x_plus_y", pairs, found, figures)
+        os.replace(made[0][0], os.path.join(figures, "nanda2023.png"))
+        budget = f"{NANDA_STEPS:,} full-batch steps (the paper's)"
+        for key, paper, words in (("memorisation_end", 1400, "memorisation ends"),
+                                  ("circuit_formation_end", 9400, "circuit formation ends"),
+                                  ("cleanup_end", 14000, "cleanup ends")):
+            values = np.array([r[key] for r in found if r[key] is not None], dtype=float)
+            mean = float(values.mean()) if len(values) else float("nan")
+            low, high = bootstrap(list(values), np.mean)
+            rows.append(row("nanda2023", f"{words} at {paper:,}", "Nanda et al. 2023, Fig. 7 / Sec. 5.1",
+                            f"{number(mean)}{interval(low, high)} (mean of {len(values)} seeds; 10% / 90% of log "
+                            "test loss's fall)", budget, pairs, verdict(paper, mean, low, high), "final_keys.json",
+                            running))
+        counts = [r["n_key_freqs"] for r in found]
+        rows.append(row("nanda2023", "about 5 key frequencies", "Nanda et al. 2023, Sec. 4",
+                        f"{', '.join(map(str, counts))} (frequencies holding >= 1% of the final logits' power)",
+                        budget, pairs, claim(all(3 <= c <= 7 for c in counts) if counts else None,
+                                             "3 to 7 in every seed" if counts else "no runs"),
+                        "final_keys.json", running))
+    control, running = finished(root, "nanda2023_wd0")
+    if control:
+        times, events = event_times(control, 0.99)
+        *_, text = km_cell(times, events)
+        rows.append(row("nanda2023", "weight decay drives the cleanup: without it no grokking",
+                        "Nanda et al. 2023, Sec. 5.2", f"weight decay 0: steps to 99% val acc {text}",
+                        f"{NANDA_STEPS:,} full-batch steps", control,
+                        claim(not any(events), f"{sum(events)}/{len(events)} seeds reach 99%"), "log.jsonl", running))
+    return rows
+
+
+def report_grokfast(root: str, figures: str) -> list:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    arms = {}
+    for i, (name, (_, label)) in enumerate(GROKFAST_ARMS.items()):
+        pairs, running = finished(root, f"grokfast2024_{name}")
         if not pairs:
             continue
-        reached = [first_step_above(p.log, 0.95) for p in pairs]
-        out[name] = {"reached": reached, "last_step": [p.log[-1]["step"] for p in pairs],
-                     "last_val_acc": [p.log[-1]["val_acc"] for p in pairs],
-                     "max_val_acc": [max(r["val_acc"] for r in p.log) for p in pairs],
-                     "finished": [p.final is not None for p in pairs],
-                     "seconds": [seconds(p) if p.final is not None else None for p in pairs]}
-        if not all(out[name]["finished"]):
-            label += f", stopped at step {max(out[name]['last_step'])}"
+        arms[name] = (pairs, running, *event_times(pairs, 0.95))
         for j, p in enumerate(pairs):
-            ax.plot([r["step"] for r in p.log], [r["val_acc"] for r in p.log], color=f"C{i}", linewidth=1,
-                    label=f"{label} ({len(pairs)} seeds)" if j == 0 else None)
-    if not out:
+            axes[0].plot([r["step"] for r in p.log], [r["val_acc"] for r in p.log], color=f"C{i}", linewidth=0.8,
+                         label=f"{label} ({len(pairs)} seeds)" if j == 0 else None)
+        km_curve(axes[1], arms[name][2], arms[name][3], f"C{i}", label)
+    if not arms:
         plt.close(fig)
-        return out
-    ax.axhline(0.95, color="black", linestyle=":", linewidth=0.8, label="95% (the paper's threshold)")
-    ax.set_xscale("log")
-    save_panels(fig, [ax], os.path.join(figures, "grokfast2024.png"), "grokfast2024: x*y mod 97, val accuracy "
-                "per seed", "update step", ["val accuracy"])
-    return out
+        return []
+    axes[0].axhline(0.95, color="black", linestyle=":", linewidth=0.8, label="95% (the paper's threshold)")
+    for ax in axes:
+        ax.set_xscale("log")
+    save_panels(fig, axes, os.path.join(figures, "grokfast2024.png"), "grokfast2024: x*y mod 97, val accuracy "
+                "per seed (left); share of seeds not yet at 95% val accuracy, Kaplan-Meier, ticks censored (right)",
+                "update step", ["val accuracy", "share of seeds below 95%"])
+    rows = []
+    budget = f"{GROKFAST_BUDGET:,} steps, stop at 95%"
+    for name, paper, words in (("baseline", 39890, "baseline reaches 95% at 39,890 steps"),
+                               ("ema", 910, "Grokfast-EMA reaches 95% at 910 steps"),
+                               ("ma", 790, "Grokfast-MA reaches 95% at 790 steps"),
+                               ("wd0.005", None, "(no such run: the EMA's weight decay without the filter)"),
+                               ("wd0.01", None, "(no such run: the MA's weight decay without the filter)")):
+        if name not in arms:
+            continue
+        pairs, running, times, events = arms[name]
+        median, low, high, text = km_cell(times, events)
+        rows.append(row("grokfast2024", words, "ironjr/grokfast README" if paper else "control",
+                        f"{GROKFAST_ARMS[name][1]}: {text}", budget, pairs,
+                        verdict(paper, median, low, high, GROKFAST_BUDGET) if paper else "control (no paper value)",
+                        "log.jsonl", running))
+    for fast, base, paper, words in (("ema", "baseline", 43.8, "EMA speed-up 43.8x"),
+                                     ("ma", "baseline", 50.5, "MA speed-up 50.5x"),
+                                     ("wd0.005", "baseline", None, "weight decay 0.005 alone: baseline / no filter"),
+                                     ("ema", "wd0.005", None, "the EMA filter at equal weight decay (0.005)"),
+                                     ("wd0.01", "baseline", None, "weight decay 0.01 alone: baseline / no filter"),
+                                     ("ma", "wd0.01", None, "the MA filter at equal weight decay (0.01)")):
+        if fast not in arms or base not in arms:
+            continue
+        ratio, low, high = km_ratio_interval(*arms[base][2:], *arms[fast][2:])
+        text = f"{number(ratio, '.1f')}x{interval(low, high, '.1f')}"
+        if ratio == math.inf:
+            text = f"> {GROKFAST_BUDGET / km_median(*arms[fast][2:]):.1f}x ({base} not at 95% by the budget)"
+        rows.append(row("grokfast2024", words, "ironjr/grokfast README" if paper else "control",
+                        f"steps to 95%, Kaplan-Meier medians: {text}", budget, arms[fast][0],
+                        (verdict(paper, ratio, low, high) if ratio != math.inf else
+                         claim(GROKFAST_BUDGET / km_median(*arms[fast][2:]) >= paper or None,
+                               "a lower bound only")) if paper else "control (no paper value)",
+                        "log.jsonl", arms[fast][1]))
+    return rows
 
 
-def report_power(root: str, figures: str) -> dict:
-    out = {}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def report_power(root: str, figures: str) -> list:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    rows, found = [], False
     for i, op in enumerate(POWER_OPS.split(",")):
+        medians = []
         for f in POWER_FRACTIONS:
-            pairs = [p for p in finished(root, f"power2022_frac{f}", also_unfinished=True) if p.op == op]
-            if pairs:
-                p = pairs[0]
-                out[(op, f)] = {"step": first_step_above(p.log, 0.99), "last_step": p.log[-1]["step"],
-                                "finished": p.final is not None, "final_val_acc": p.log[-1]["val_acc"],
-                                "seconds": seconds(p) if p.final is not None else None}
-        mine = sorted((f, v) for (o, f), v in out.items() if o == op)
-        hit = [(f, v["step"]) for f, v in mine if v["step"] is not None]
-        miss = [f for f, v in mine if v["step"] is None]
-        if hit:
-            axes[0].plot(*zip(*hit), "o", color=f"C{i}", markersize=8, label=f"{op}: reached 99%")
-        if miss:
-            axes[0].plot(miss, [POWER_BUDGET] * len(miss), "x", color=f"C{i}", markersize=10,
-                         label=f"{op}: not within {POWER_BUDGET} steps")
-        axes[1].plot([f for f, _ in mine], [v["final_val_acc"] for _, v in mine], "o-", color=f"C{i}", label=op)
-    if not out:
+            pairs, running = finished(root, f"power2022_frac{f}")
+            pairs = [p for p in pairs if p.op == op]
+            if not pairs:
+                continue
+            found = True
+            times, events = event_times(pairs, 0.99)
+            median, *_ = km_cell(times, events)
+            medians.append((f, median))
+            for t, e in zip(times, events):
+                axes[0].plot([f], [t], "o" if e else "^", color=f"C{i}", markerfacecolor=None if e else "none")
+            axes[1].plot([f] * len(pairs), [p.log[-1]["val_acc"] for p in pairs], "o", color=f"C{i}", alpha=0.6)
+        if not medians:
+            continue
+        shown = [(f, m) for f, m in medians if np.isfinite(m)]
+        if shown:
+            axes[0].plot(*zip(*shown), "-", color=f"C{i}", label=f"{op}: Kaplan-Meier median (open: censored)")
+        cells = "; ".join(f"{f}: {number(m)}" for f, m in medians)
+        values = [m for _, m in medians]
+        falling = all(a >= b for a, b in zip(values, values[1:]))  # inf (not reached) counts as the slowest
+        reached = sum(np.isfinite(values))
+        rows.append(row("power2022", f"{op}: the less data, the more steps to 99% val acc, steeply near the "
+                        "smallest fraction that generalises", "Power et al. 2022, Fig. 1 (centre)",
+                        f"median steps to 99% by train fraction: {cells}", f"{POWER_BUDGET:,} steps (the paper's "
+                        "10^5), stop at 99%", [p for p in finished(root, f"power2022_frac{POWER_FRACTIONS[-1]}")[0]
+                                               if p.op == op],
+                        claim(falling if reached >= 3 else None, f"the medians never rise as the fraction grows "
+                              f"({reached} fractions reached)" if falling else "the medians rise somewhere")
+                        if reached >= 3 else claim(None, f"only {reached} fractions reach 99% within the budget"),
+                        "log.jsonl"))
+    if not found:
         plt.close(fig)
-        return out
+        return []
     axes[0].axhline(POWER_BUDGET, color="black", linestyle=":", linewidth=0.8, label="budget")
-    axes[0].set_ylim(0, POWER_BUDGET * 1.1)
+    axes[0].set_yscale("log")
     axes[1].axhline(0.99, color="black", linestyle=":", linewidth=0.8, label="0.99")
-    save_panels(fig, axes, os.path.join(figures, "power2022.png"), "power2022, seed 0: steps to val accuracy > 0.99 "
-                "(left) and val accuracy at the end (right) against the training fraction", "training fraction",
-                ["update steps", "val accuracy at the last step"])
-    return out
+    save_panels(fig, axes, os.path.join(figures, "power2022.png"), "power2022: steps to val accuracy > 0.99 per "
+                "seed (left; open triangles: not reached by the budget) and val accuracy at the end (right)",
+                "training fraction", ["update steps", "val accuracy at the last step"])
+    return rows
 
 
-def report_prieto(root: str, figures: str) -> dict:
-    out = {}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for i, name in enumerate(("softmax", "stablemax", "perp_adamw")):
-        pairs = finished(root, f"prieto2025_{name}", also_unfinished=True)
+def report_prieto(root: str, figures: str) -> list:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    arms = {}
+    for i, (name, (_, label)) in enumerate(PRIETO_ARMS.items()):
+        pairs, running = finished(root, f"prieto2025_{name}")
         if not pairs:
             continue
-        p = pairs[0]
-        collapse = [(r["step"], r["softmax_collapse"]) for r in p.log if "softmax_collapse" in r]
-        axes[0].plot([r["step"] for r in p.log], [r["val_acc"] for r in p.log], color=f"C{i}", label=name,
-                     linestyle="--" if name == "stablemax" else "-")
-        if collapse:
-            axes[1].plot([s for s, _ in collapse], [100 * c for _, c in collapse], color=f"C{i}", label=name,
-                         linestyle="--" if name == "stablemax" else "-")
-        out[name] = {"final_val_acc": p.log[-1]["val_acc"], "final_train_acc": p.log[-1]["train_acc"],
-                     "grok_step": first_step_above(p.log, 0.99),
-                     "max_collapse": max((c for _, c in collapse), default=None),
-                     "final_collapse": collapse[-1][1] if collapse else None,
-                     "seconds": seconds(p) if p.final is not None else None, "steps": p.log[-1]["step"],
-                     "finished": p.final is not None}
-    if not out:
+        arms[name] = (pairs, running, *event_times(pairs, 0.99))
+        for j, p in enumerate(pairs):
+            steps = [r["step"] for r in p.log]
+            first = dict(color=f"C{i}", linewidth=0.8, label=f"{label} ({len(pairs)} seeds)" if j == 0 else None)
+            axes[0].plot(steps, [r["val_acc"] for r in p.log], **first)
+            axes[1].plot(steps, [100 * r.get("softmax_collapse", np.nan) for r in p.log], **first)
+            axes[2].plot(steps, [r.get("grad_norm", np.nan) for r in p.log], **first)
+    if not arms:
         plt.close(fig)
-        return out
-    axes[1].set_title("softmax collapse: training pairs whose float32 p(true) is exactly 1", fontsize=9)
-    save_panels(fig, axes, os.path.join(figures, "prieto2025.png"), "prieto2025: x+y mod 113, no weight decay, "
-                "1 seed: cross-entropy vs StableMax (dashed) vs ⊥AdamW", "full-batch update",
-                ["val accuracy", "% of training pairs"])
-    return out
+        return []
+    axes[2].set_yscale("log")
+    save_panels(fig, axes, os.path.join(figures, "prieto2025.png"), "prieto2025: x+y mod 113, 40% train, full batch, "
+                "no weight decay unless said: val accuracy, softmax collapse (training pairs whose p(true) is exactly "
+                "1 in the run's float type) and the full-batch gradient's norm", "full-batch update",
+                ["val accuracy", "% of training pairs collapsed", "gradient L2 norm"])
+    rows = []
+    budget = f"{PRIETO_STEPS:,} full-batch steps (the paper's)"
+    for name, headline, want in (("softmax", "without regularisation softmax cross-entropy does not grok", False),
+                                 ("stablemax", "StableMax groks without regularisation", True),
+                                 ("perp_adamw", "⊥AdamW groks without regularisation, quickly", True),
+                                 ("softmax_wd", "weight decay lets softmax cross-entropy grok", True),
+                                 ("fp64", "float64 delays softmax collapse and lets the model generalise further",
+                                  True)):
+        if name not in arms:
+            continue
+        pairs, running, times, events = arms[name]
+        *_, text = km_cell(times, events)
+        collapse = [max(r.get("softmax_collapse", 0) for r in p.log) for p in pairs]
+        final = [p.log[-1]["val_acc"] for p in pairs]
+        ours = (f"steps to 99% val acc {text}; final val acc {min(final):.3f} to {max(final):.3f}; most training "
+                f"pairs collapsed {100 * min(collapse):.1f}% to {100 * max(collapse):.1f}%")
+        grokked = sum(events) > len(events) / 2
+        rows.append(row("prieto2025", headline, "Prieto et al. 2025, Sec. 3-5", ours, budget, pairs,
+                        claim(grokked == want, f"{sum(events)}/{len(events)} seeds reach 99%"), "log.jsonl", running))
+    return rows
+
+
+COLUMNS = ["preset", "headline", "source", "this project (95% interval)", "budget", "seeds", "one seed, minutes",
+           "verdict", "file"]
 
 
 def report(root: str, figures: str) -> None:
     os.makedirs(figures, exist_ok=True)
-    found = {"cpu": cpu_description(), "nanda2023": report_nanda(root, figures),
-             "grokfast2024": report_grokfast(root, figures), "power2022": report_power(root, figures),
-             "prieto2025": report_prieto(root, figures)}
-    found["power2022"] = {f"{op} {f}": v for (op, f), v in found["power2022"].items()}
-    print(json.dumps(found, indent=1, default=str))
+    rows = [*report_nanda(root, figures), *report_grokfast(root, figures), *report_power(root, figures),
+            *report_prieto(root, figures)]
+    with open(os.path.join(figures, "reproduction.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"Runs in {root}; {cpu_description()}; a job's minutes are the median of its seeds' train_seconds.\n")
+    print("| " + " | ".join(COLUMNS[:-1]) + " |\n|" + "---|" * (len(COLUMNS) - 1))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in COLUMNS[:-1]) + " |")
 
 
 def main(argv=None) -> int:

@@ -71,6 +71,15 @@ def test_kaplan_meier_median_on_published_and_hand_counted_samples():
     assert 1 <= low <= 5 <= high <= 9
 
 
+def test_ratio_of_kaplan_meier_medians_with_censored_arms():
+    assert stats.km_ratio_interval([40, 40, 40], [True] * 3, [10, 10, 10], [True] * 3) == (4.0, 4.0, 4.0)
+    ratio, low, high = stats.km_ratio_interval([50] * 3, [False] * 3, [10, 20, 30], [True] * 3)
+    assert ratio == math.inf and high == math.inf  # the slow arm never got there: an unbounded speed-up
+    ratio, low, high = stats.km_ratio_interval([1, 2, 3, 4, 5], [True] * 5, [1] * 5, [True] * 5)
+    assert ratio == 3 and 1 <= low <= 3 <= high <= 5
+    assert math.isnan(stats.km_ratio_interval([5, 6], [True] * 2, [9, 9], [False] * 2)[0])  # no median below
+
+
 def test_concordance_with_censoring_on_a_hand_counted_example():
     # times 1, 2, 3, 4; the run at 2 is censored: it forms a pair only with the run at 1 (which had its event).
     times, events = [1, 2, 3, 4], [True, False, True, True]
