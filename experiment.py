@@ -37,6 +37,7 @@ from lab.plugins import (RESEARCH_PLUGINS, HookPoint, Plugin, PluginError, Plugi
                          check_model, forward_hooks, load_plugin_file)
 from lab.schema import EXAMPLES, Job, job_dir  # noqa: E402
 from lab.rules import EarlyWarning  # noqa: E402
+from lab.trackers import TRACKER_PLUGINS, tracker_names  # noqa: E402
 
 # The plugins every run gets, in order: names in PLUGINS (capture, measures, norms, fourier, rqi: lab/plugins.py;
 # grokfast, xavier_init, layer_lr, swap_operands, step_val_acc_95: below) or paths to .py files. capture saves
@@ -85,6 +86,7 @@ class Config:
     dtype: str = "fp32"  # fp32; bf16 (autocast for the matrix multiplies); fp64 (weights, activations and loss)
     device: str = "auto"  # auto (cuda when present), cpu or cuda
     plugins: tuple[str, ...] = ()  # extra plugins: builtin names or paths to .py files
+    tracker: str = "none"  # also log each job to tensorboard, wandb (offline), or both: "tensorboard,wandb"
     capture: bool = True  # run the activation-capture plugin
     capture_every: int = 1000  # capture a snapshot every this many updates (and at 0 and the end)
     capture_thresholds: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99)  # also capture when val acc first exceeds these
@@ -582,13 +584,15 @@ class Grokfast(Plugin):
 
 
 PLUGINS = {plugin.name: plugin for plugin in (
-    *RESEARCH_PLUGINS, EarlyWarning, Grokfast, XavierInit, LayerLearningRates, SwapOperands, StepValAcc95)}
+    *RESEARCH_PLUGINS, EarlyWarning, Grokfast, XavierInit, LayerLearningRates, SwapOperands, StepValAcc95,
+    *TRACKER_PLUGINS)}
 
 
 def plugin_classes(cfg: Config) -> list:
-    """The plugin classes of a run: DEFAULT_PLUGINS (less capture or measures if switched off), then cfg.plugins."""
+    """The plugin classes of a run: DEFAULT_PLUGINS (less capture or measures if switched off), cfg.plugins, then
+    cfg.tracker's (lab/trackers.py)."""
     switched_off = {"capture": not cfg.capture, "measures": not cfg.measure}
-    specs = [s for s in DEFAULT_PLUGINS if not switched_off.get(s)] + list(cfg.plugins)
+    specs = [s for s in DEFAULT_PLUGINS if not switched_off.get(s)] + list(cfg.plugins) + tracker_names(cfg.tracker)
     classes = []
     for spec in specs:
         if spec.endswith(".py"):  # a file may add Plugin subclasses, registry entries, or both

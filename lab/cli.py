@@ -14,6 +14,7 @@ from lab.config import check_contract, defaults, field_comments, field_defaults,
 from lab.ops import is_prime
 from lab.plugins import UsageError
 from lab.schema import cell_name
+from lab.trackers import TRACKERS, tracker_names
 
 
 REGISTRY_FIELDS = {"model": "MODELS", "loss": "LOSSES", "optimizer": "OPTIMIZERS", "schedule": "SCHEDULES",
@@ -24,6 +25,8 @@ def validate(cfg, E) -> None:
     """Raise UsageError naming the first problem in cfg. Creates nothing. Plugin files are loaded first: they may
     add entries to experiment.py's registries (an op, a model, a loss)."""
     check_contract(E)
+    if any(t not in TRACKERS for t in tracker_names(cfg.tracker)):
+        raise UsageError(f"--tracker={cfg.tracker}: choose none, or from {','.join(TRACKERS)} (comma-separated)")
     for plugin in E.plugin_classes(cfg):  # raises UsageError for an unknown plugin or a broken plugin file
         plugin.check_config(cfg)
     _check_ops(cfg, E)
