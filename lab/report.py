@@ -21,6 +21,7 @@ from lab.files import atomic_write, read_json, write_json, write_text
 from lab.final_keys import final_key_progress_of, summary_row
 from lab import earlywarning, onset, phases, rules
 from lab import figures as sweep_figures
+from lab.trackers import figures_to_tensorboard
 from lab.schema import (BEFORE_BELOW, CHECKPOINTS, GROKKED_ABOVE, HALF_AT, LAYERS, MEASURES, MEMORISED_AT,
                         METRIC_SPLITS, SWEEP)
 
@@ -658,6 +659,7 @@ def main(P, args) -> int:
     sweep_md, sweep_notes = sweeps_analysed(sweeps, args.out_dir, figures)
     rule_lines = applied_rules(frozen, [*runs, *sweeps], args.out_dir, figures)
     sweep_md, sweep_notes = sweep_md + ["", *rule_lines] * bool(rule_lines), sweep_notes + rule_lines
+    figures_to_tensorboard(figures, [*runs, *sweeps])  # for runs trained with --tracker=tensorboard
     summary = os.path.join(args.out_dir, "analysis_summary.md")
     write_text(summary, summary_markdown(by_op, runs, rows_by, sorted(figures), leadlag, left_out)
                + final_keys_markdown(key_rows) + "".join(f"\n{line}" for line in sweep_md))

@@ -20,7 +20,7 @@ import sys
 
 from lab.config import config_dict
 from lab.plugins import Plugin, ProgressMeasures
-from lab.schema import cell_name
+from lab.schema import CONFIG, cell_name
 
 TRACKERS = ("tensorboard", "wandb")
 
@@ -129,3 +129,39 @@ class Wandb(Tracker):
 
 
 TRACKER_PLUGINS = (TensorBoard, Wandb)
+
+
+PLOTS = "plots"  # the TensorBoard run, in a tracked run folder, that holds plot.py's figures
+
+
+def figures_to_tensorboard(figures: list, run_folders: list) -> list:
+    """plot.py's PNG figures (paths, or tuples that start with one) as TensorBoard images in <run folder>/plots, for
+    each run folder whose config tracked with TensorBoard; the folders written. A failure says so in one line."""
+    import matplotlib.image
+
+    tracked = [f for f in run_folders if "tensorboard" in tracker_names(_saved_tracker(f))]
+    paths = sorted({(f[0] if isinstance(f, (tuple, list)) else f) for f in figures})
+    paths = [p for p in paths if str(p).endswith(".png") and os.path.exists(p)]
+    if not tracked or not paths:
+        return []
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        for folder in tracked:
+            with SummaryWriter(log_dir=os.path.join(folder, PLOTS)) as writer:
+                for path in paths:
+                    image = matplotlib.image.imread(path)[..., :3]  # RGBA -> RGB, floats in [0, 1]
+                    writer.add_image(os.path.splitext(os.path.basename(path))[0], image, dataformats="HWC")
+    except Exception as error:
+        print(f"plot.py: figures not written to TensorBoard ({type(error).__name__}: {error})", file=sys.stderr)
+        return []
+    return tracked
+
+
+def _saved_tracker(folder: str) -> str:
+    path = os.path.join(folder, CONFIG)
+    try:
+        with open(path) as f:
+            return str(json.load(f).get("tracker", "none"))
+    except (OSError, ValueError):
+        return "none"

@@ -57,6 +57,11 @@ def test_tensorboard_events_equal_the_jsonl_files(tmp_path):
         if not isinstance(value, bool):
             assert list(series(f"final/{key}").values()) == pytest.approx([value], rel=1e-6), key
     assert all(t.startswith(("log/", "measures/", "final/", "hparams/")) for t in tags), tags
+    run_script("plot.py", ["--runs=r", "--no_tsne", "--notes="], tmp_path)  # its figures go to <run>/plots
+    plots = EventAccumulator(str(tmp_path / "r" / "plots"), size_guidance={"images": 0})
+    plots.Reload()
+    drawn = {p.stem for p in tmp_path.glob("*.png")}
+    assert "val_acc_x_plus_y" in drawn and set(plots.Tags()["images"]) == drawn
 
 
 def wandb_records(path: str):
