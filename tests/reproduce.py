@@ -217,18 +217,32 @@ def report_nanda(root: str, figures: str) -> list:
     return rows
 
 
+def load_arms(root: str, prefix: str, arms: dict, level: float) -> dict:
+    """name -> (pairs, running, times, events) of each arm (run folder prefix_name) with finished jobs, steps to
+    val accuracy above level; in the arms' order."""
+    found = {}
+    for name in arms:
+        pairs, running = finished(root, f"{prefix}_{name}")
+        if pairs:
+            found[name] = (pairs, running, *event_times(pairs, level))
+    return found
+
+
+def seed_lines(arms: dict, spec: dict):
+    """(job, line style) of every finished job of every arm: an arm's colour, its label on its first seed only."""
+    for name, (pairs, *_) in arms.items():
+        label = f"{spec[name][1]} ({len(pairs)} seeds)"
+        for j, p in enumerate(pairs):
+            yield p, {"color": f"C{list(spec).index(name)}", "linewidth": 0.8, "label": label if j == 0 else None}
+
+
 def report_grokfast(root: str, figures: str) -> list:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    arms = {}
-    for i, (name, (_, label)) in enumerate(GROKFAST_ARMS.items()):
-        pairs, running = finished(root, f"grokfast2024_{name}")
-        if not pairs:
-            continue
-        arms[name] = (pairs, running, *event_times(pairs, 0.95))
-        for j, p in enumerate(pairs):
-            axes[0].plot([r["step"] for r in p.log], [r["val_acc"] for r in p.log], color=f"C{i}", linewidth=0.8,
-                         label=f"{label} ({len(pairs)} seeds)" if j == 0 else None)
-        km_curve(axes[1], arms[name][2], arms[name][3], f"C{i}", label)
+    arms = load_arms(root, "grokfast2024", GROKFAST_ARMS, 0.95)
+    for p, style in seed_lines(arms, GROKFAST_ARMS):
+        axes[0].plot([r["step"] for r in p.log], [r["val_acc"] for r in p.log], **style)
+    for name, (_, _, times, events) in arms.items():
+        km_curve(axes[1], times, events, f"C{list(GROKFAST_ARMS).index(name)}", GROKFAST_ARMS[name][1])
     if not arms:
         plt.close(fig)
         return []
@@ -323,18 +337,12 @@ def report_power(root: str, figures: str) -> list:
 
 def report_prieto(root: str, figures: str) -> list:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    arms = {}
-    for i, (name, (_, label)) in enumerate(PRIETO_ARMS.items()):
-        pairs, running = finished(root, f"prieto2025_{name}")
-        if not pairs:
-            continue
-        arms[name] = (pairs, running, *event_times(pairs, 0.99))
-        for j, p in enumerate(pairs):
-            steps = [r["step"] for r in p.log]
-            first = dict(color=f"C{i}", linewidth=0.8, label=f"{label} ({len(pairs)} seeds)" if j == 0 else None)
-            axes[0].plot(steps, [r["val_acc"] for r in p.log], **first)
-            axes[1].plot(steps, [100 * r.get("softmax_collapse", np.nan) for r in p.log], **first)
-            axes[2].plot(steps, [r.get("grad_norm", np.nan) for r in p.log], **first)
+    arms = load_arms(root, "prieto2025", PRIETO_ARMS, 0.99)
+    for p, style in seed_lines(arms, PRIETO_ARMS):
+        steps = [r["step"] for r in p.log]
+        axes[0].plot(steps, [r["val_acc"] for r in p.log], **style)
+        axes[1].plot(steps, [100 * r.get("softmax_collapse", np.nan) for r in p.log], **style)
+        axes[2].plot(steps, [r.get("grad_norm", np.nan) for r in p.log], **style)
     if not arms:
         plt.close(fig)
         return []
