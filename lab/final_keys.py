@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_model as load_weights
 
 from lab import measures as M
-from lab.analysis import completion, leadlag_end, read_examples, read_log
+from lab.analysis import LEADLAG_HALF_WIDTH, completion, leadlag_end, read_examples, read_log
 from lab.config import config_from_dict, load_script
 from lab.files import read_json, write_json
 from lab.ops import cyclic_coordinates
@@ -90,7 +90,7 @@ def _log_completion(steps, losses, start: int, half_width: float):
     return None if found is None else found[0]
 
 
-def phases_and_leads(rows: list, memorisation_step: int, per_step: list = (), half_width: float = 100,
+def phases_and_leads(rows: list, memorisation_step: int, per_step: list = (), half_width: float | None = None,
                      end: int | None = None) -> dict:
     """Nanda et al.'s three phases and the leads of restricted and excluded loss over test loss, all read on
     log10(loss) from the memorisation step (analysis.completion: t10/t50/t90 = the steps at which 10/50/90% of
@@ -102,11 +102,15 @@ def phases_and_leads(rows: list, memorisation_step: int, per_step: list = (), ha
     lead_<measure> = test loss's t50 - the measure's t50, in steps (positive: the measure moves first), for the
     final-model key frequencies (rows) and, where given, the per-step ones (per_step: measures.jsonl rows as
     {"step", "restricted_loss", "excluded_loss"}). end: rows after it are left out (analysis.leadlag_end: a seed
-    that ends inside a spike is read up to the evaluation before it).
+    that ends inside a spike is read up to the evaluation before it). half_width: the running median's, in steps;
+    None: LEADLAG_HALF_WIDTH, or the checkpoints' interval where that is longer, so that the median spans three
+    checkpoints and acts (at nanda2023's 200-step checkpoints a 100-step half-width holds one).
     """
     if end is not None:
         rows, per_step = [r for r in rows if r["step"] <= end], [r for r in per_step if r["step"] <= end]
     steps = [r["step"] for r in rows]
+    if half_width is None:
+        half_width = max(LEADLAG_HALF_WIDTH, float(np.median(np.diff(steps))) if len(steps) > 1 else 0.0)
     test = _log_completion(steps, [r["test_loss"] for r in rows], memorisation_step, half_width)
     peak = max(rows, key=lambda r: r["test_loss"])["step"] if rows else None  # where Nanda et al.'s memorisation ends
     out = {"memorisation_end": memorisation_step, "test_loss_peak": peak,

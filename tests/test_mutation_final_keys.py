@@ -151,6 +151,26 @@ def loss_rows(end=300):
             for s, t, r, x in zip(steps, test, ramp(steps, 50, 150, 0, -3), ramp(steps, 80, 180, -1, 1))]
 
 
+def test_the_phases_smoothing_spans_three_checkpoints_at_their_interval():
+    """nanda2023 keeps a checkpoint every 200 steps: a running median of half-width 100 holds one checkpoint and
+    leaves a one-checkpoint dip in, which moves circuit formation's end; the default half-width (the interval)
+    removes it."""
+    steps = np.arange(0, 20_001, 200)
+    clean = ramp(steps, 6000, 12000, 0, -2)
+    dipped = clean.copy()
+    dipped[steps == 3000] = 10 ** -1.5  # one checkpoint far down, on the plateau
+
+    def rows(test):
+        return [{"step": int(s), "test_loss": float(t), "restricted_loss": 1.0, "excluded_loss": 1.0}
+                for s, t in zip(steps, test)]
+
+    smooth = F.phases_and_leads(rows(dipped), 1000)
+    assert smooth["circuit_formation_end"] == pytest.approx(F.phases_and_leads(rows(clean), 1000)
+                                                            ["circuit_formation_end"], abs=1)
+    assert smooth["circuit_formation_end"] == pytest.approx(6600, abs=200)  # 10% of the fall: 6000 + 0.1 * 6000
+    assert F.phases_and_leads(rows(dipped), 1000, half_width=100)["circuit_formation_end"] < 3100
+
+
 def test_phases_and_leads_on_log_loss_from_the_memorisation_step():
     got = F.phases_and_leads(loss_rows(), 50, half_width=1)
     assert got == pytest.approx({
