@@ -257,30 +257,32 @@ def report_grokfast(root: str, figures: str) -> list:
     for name, paper, words in (("baseline", 39890, "baseline reaches 95% at 39,890 steps"),
                                ("ema", 910, "Grokfast-EMA reaches 95% at 910 steps"),
                                ("ma", 790, "Grokfast-MA reaches 95% at 790 steps"),
-                               ("wd0.005", None, "(no such run: the EMA's weight decay without the filter)"),
-                               ("wd0.01", None, "(no such run: the MA's weight decay without the filter)")):
+                               ("wd0.005", None, "control: the EMA's weight decay (0.005), no filter"),
+                               ("wd0.01", None, "control: the MA's weight decay (0.01), no filter")):
         if name not in arms:
             continue
         pairs, running, times, events = arms[name]
         median, low, high, text = km_cell(times, events)
-        rows.append(row("grokfast2024", words, "ironjr/grokfast README" if paper else "control",
+        rows.append(row("grokfast2024", words, "ironjr/grokfast README" if paper else "none (a control)",
                         f"{GROKFAST_ARMS[name][1]}: {text}", budget, pairs,
                         verdict(paper, median, low, high, GROKFAST_BUDGET) if paper else "control (no paper value)",
                         "log.jsonl", running))
     for fast, base, paper, words in (("ema", "baseline", 43.8, "EMA speed-up 43.8x"),
                                      ("ma", "baseline", 50.5, "MA speed-up 50.5x"),
-                                     ("wd0.005", "baseline", None, "weight decay 0.005 alone: baseline / no filter"),
-                                     ("ema", "wd0.005", None, "the EMA filter at equal weight decay (0.005)"),
-                                     ("wd0.01", "baseline", None, "weight decay 0.01 alone: baseline / no filter"),
-                                     ("ma", "wd0.01", None, "the MA filter at equal weight decay (0.01)")):
+                                     ("wd0.005", "baseline", None, "control: speed-up of weight decay 0.005 alone"),
+                                     ("ema", "wd0.005", None, "control: speed-up of the EMA filter at equal "
+                                      "weight decay (0.005)"),
+                                     ("wd0.01", "baseline", None, "control: speed-up of weight decay 0.01 alone"),
+                                     ("ma", "wd0.01", None, "control: speed-up of the MA filter at equal weight "
+                                      "decay (0.01)")):
         if fast not in arms or base not in arms:
             continue
         ratio, low, high = km_ratio_interval(*arms[base][2:], *arms[fast][2:])
         text = f"{number(ratio, '.1f')}x{interval(low, high, '.1f')}"
         if ratio == math.inf:
             text = f"> {GROKFAST_BUDGET / km_median(*arms[fast][2:]):.1f}x ({base} not at 95% by the budget)"
-        rows.append(row("grokfast2024", words, "ironjr/grokfast README" if paper else "control",
-                        f"steps to 95%, Kaplan-Meier medians: {text}", budget, arms[fast][0],
+        rows.append(row("grokfast2024", words, "ironjr/grokfast README" if paper else "none (a control)",
+                        f"ratio of the steps to 95% (Kaplan-Meier medians): {text}", budget, arms[fast][0],
                         (verdict(paper, ratio, low, high) if ratio != math.inf else
                          claim(GROKFAST_BUDGET / km_median(*arms[fast][2:]) >= paper or None,
                                "a lower bound only")) if paper else "control (no paper value)",
