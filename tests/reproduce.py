@@ -155,6 +155,12 @@ def row(preset: str, headline: str, source: str, ours: str, budget: str, pairs: 
             "file": file}
 
 
+def unmeasured(preset: str, headline: str, source: str, budget: str, folder: str, running: int = 0) -> dict:
+    """The row of a headline whose runs have not finished: what to run for it."""
+    return row(preset, headline, source, "no finished runs", budget, [], "not measured: no finished runs "
+               f"(python tests/reproduce.py run {preset} --only={folder})", "", running)
+
+
 def save_panels(fig, axes, path: str, title: str, xlabel: str, ylabels: list) -> None:
     """Label, grid and legend each panel, then write the figure and close it."""
     for ax, ylabel in zip(axes, ylabels):
@@ -185,11 +191,14 @@ def report_nanda(root: str, figures: str) -> list:
 
     pairs, running = finished(root, "nanda2023")
     rows = []
-    if pairs:
+    budget = f"{NANDA_STEPS:,} full-batch steps (the paper's)"
+    if not pairs:
+        rows.append(unmeasured("nanda2023", "phases end at 1.4k / 9.4k / 14k; about 5 key frequencies",
+                               "Nanda et al. 2023, Sec. 4-5", budget, "nanda2023", running))
+    else:
         found = [summary_row(p, final_key_progress_of(p.run, p.op, p.seed)) for p in pairs]
         made = plot.final_keys_figure("nanda2023", "x_plus_y", pairs, found, figures)
         os.replace(made[0][0], os.path.join(figures, "nanda2023.png"))
-        budget = f"{NANDA_STEPS:,} full-batch steps (the paper's)"
         for key, paper, words in (("memorisation_end", 1400, "memorisation ends"),
                                   ("circuit_formation_end", 9400, "circuit formation ends"),
                                   ("cleanup_end", 14000, "cleanup ends")):
@@ -207,7 +216,10 @@ def report_nanda(root: str, figures: str) -> list:
                                              "3 to 7 in every seed" if counts else "no runs"),
                         "final_keys.json", running))
     control, running = finished(root, "nanda2023_wd0")
-    if control:
+    if not control:
+        rows.append(unmeasured("nanda2023", "weight decay drives the cleanup: without it no grokking",
+                               "Nanda et al. 2023, Sec. 5.2", budget, "nanda2023_wd0", running))
+    else:
         times, events = event_times(control, 0.99)
         *_, text = km_cell(times, events)
         rows.append(row("nanda2023", "weight decay drives the cleanup: without it no grokking",
@@ -243,15 +255,14 @@ def report_grokfast(root: str, figures: str) -> list:
         axes[0].plot([r["step"] for r in p.log], [r["val_acc"] for r in p.log], **style)
     for name, (_, _, times, events) in arms.items():
         km_curve(axes[1], times, events, f"C{list(GROKFAST_ARMS).index(name)}", GROKFAST_ARMS[name][1])
-    if not arms:
-        plt.close(fig)
-        return []
     axes[0].axhline(0.95, color="black", linestyle=":", linewidth=0.8, label="95% (the paper's threshold)")
     for ax in axes:
         ax.set_xscale("log")
-    save_panels(fig, axes, os.path.join(figures, "grokfast2024.png"), "grokfast2024: x*y mod 97, val accuracy "
-                "per seed (left); share of seeds not yet at 95% val accuracy, Kaplan-Meier, ticks censored (right)",
-                "update step", ["val accuracy", "share of seeds below 95%"])
+    if arms:
+        save_panels(fig, axes, os.path.join(figures, "grokfast2024.png"), "grokfast2024: x*y mod 97, val accuracy "
+                    "per seed (left); share of seeds not yet at 95% val accuracy, Kaplan-Meier, ticks censored "
+                    "(right)", "update step", ["val accuracy", "share of seeds below 95%"])
+    plt.close(fig)
     rows = []
     budget = f"{GROKFAST_BUDGET:,} steps, stop at 95%"
     for name, paper, words in (("baseline", 39890, "baseline reaches 95% at 39,890 steps"),
@@ -260,6 +271,9 @@ def report_grokfast(root: str, figures: str) -> list:
                                ("wd0.005", None, "control: the EMA's weight decay (0.005), no filter"),
                                ("wd0.01", None, "control: the MA's weight decay (0.01), no filter")):
         if name not in arms:
+            if paper:
+                rows.append(unmeasured("grokfast2024", words, "ironjr/grokfast README", budget,
+                                       f"grokfast2024_{name}", finished(root, f"grokfast2024_{name}")[1]))
             continue
         pairs, running, times, events = arms[name]
         median, low, high, text = km_cell(times, events)
@@ -276,6 +290,9 @@ def report_grokfast(root: str, figures: str) -> list:
                                      ("ma", "wd0.01", None, "control: speed-up of the MA filter at equal weight "
                                       "decay (0.01)")):
         if fast not in arms or base not in arms:
+            if paper:
+                rows.append(unmeasured("grokfast2024", words, "ironjr/grokfast README", budget,
+                                       ",".join(f"grokfast2024_{a}" for a in (base, fast) if a not in arms)))
             continue
         ratio, low, high = km_ratio_interval(*arms[base][2:], *arms[fast][2:])
         text = f"{number(ratio, '.1f')}x{interval(low, high, '.1f')}"
@@ -308,6 +325,9 @@ def report_power(root: str, figures: str) -> list:
                 axes[0].plot([f], [t], "o" if e else "^", color=f"C{i}", markerfacecolor=None if e else "none")
             axes[1].plot([f] * len(pairs), [p.log[-1]["val_acc"] for p in pairs], "o", color=f"C{i}", alpha=0.6)
         if not medians:
+            rows.append(unmeasured("power2022", f"{op}: the less data, the more steps to 99% val acc",
+                                   "Power et al. 2022, Fig. 1 (centre)", f"{POWER_BUDGET:,} steps",
+                                   ",".join(f"power2022_frac{f}" for f in POWER_FRACTIONS)))
             continue
         shown = [(f, m) for f, m in medians if np.isfinite(m)]
         if shown:
@@ -327,7 +347,7 @@ def report_power(root: str, figures: str) -> list:
                         "log.jsonl"))
     if not found:
         plt.close(fig)
-        return []
+        return rows
     axes[0].axhline(POWER_BUDGET, color="black", linestyle=":", linewidth=0.8, label="budget")
     axes[0].set_yscale("log")
     axes[1].axhline(0.99, color="black", linestyle=":", linewidth=0.8, label="0.99")
@@ -345,14 +365,13 @@ def report_prieto(root: str, figures: str) -> list:
         axes[0].plot(steps, [r["val_acc"] for r in p.log], **style)
         axes[1].plot(steps, [100 * r.get("softmax_collapse", np.nan) for r in p.log], **style)
         axes[2].plot(steps, [r.get("grad_norm", np.nan) for r in p.log], **style)
-    if not arms:
-        plt.close(fig)
-        return []
     axes[2].set_yscale("log")
-    save_panels(fig, axes, os.path.join(figures, "prieto2025.png"), "prieto2025: x+y mod 113, 40% train, full batch, "
-                "no weight decay unless said: val accuracy, softmax collapse (training pairs whose p(true) is exactly "
-                "1 in the run's float type) and the full-batch gradient's norm", "full-batch update",
-                ["val accuracy", "% of training pairs collapsed", "gradient L2 norm"])
+    if arms:
+        save_panels(fig, axes, os.path.join(figures, "prieto2025.png"), "prieto2025: x+y mod 113, 40% train, full "
+                    "batch, no weight decay unless said: val accuracy, softmax collapse (training pairs whose p(true) "
+                    "is exactly 1 in the run's float type) and the full-batch gradient's norm", "full-batch update",
+                    ["val accuracy", "% of training pairs collapsed", "gradient L2 norm"])
+    plt.close(fig)
     rows = []
     budget = f"{PRIETO_STEPS:,} full-batch steps (the paper's)"
     for name, headline, want in (("softmax", "without regularisation softmax cross-entropy does not grok", False),
@@ -362,6 +381,8 @@ def report_prieto(root: str, figures: str) -> list:
                                  ("fp64", "float64 delays softmax collapse and lets the model generalise further",
                                   True)):
         if name not in arms:
+            rows.append(unmeasured("prieto2025", headline, "Prieto et al. 2025, Sec. 3-5", budget,
+                                   f"prieto2025_{name}", finished(root, f"prieto2025_{name}")[1]))
             continue
         pairs, running, times, events = arms[name]
         *_, text = km_cell(times, events)

@@ -1,5 +1,6 @@
 """The reproduction table's arithmetic (tests/reproduce.py): steps to an event with censoring, Kaplan-Meier cells,
 and the verdicts, on made-up runs with known answers. The runs themselves are a benchmark, not a test."""
+import csv
 import math
 from types import SimpleNamespace
 
@@ -34,3 +35,13 @@ def test_verdicts():
     assert R.verdict(910, math.nan, math.nan, math.nan) == "not measured: no finished runs"
     assert R.verdict(43.8, 50.0, math.nan, math.nan) == "within 2x (above)"  # one run a side: no interval
     assert R.claim(True, "3/3") == "reproduces: 3/3" and R.claim(None, "no runs") == "not measured: no runs"
+
+
+def test_with_no_runs_every_headline_is_in_the_table_as_not_measured(tmp_path):
+    R.report(str(tmp_path / "no_runs"), str(tmp_path / "figures"))
+    with open(tmp_path / "figures" / "reproduction.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["preset"] for r in rows} == {"nanda2023", "grokfast2024", "power2022", "prieto2025"}
+    assert len(rows) == 2 + 5 + 2 + 5  # phases and the wd-0 control; 3 arms, 2 speed-ups; 2 ops; 5 arms
+    assert all(r["verdict"].startswith("not measured: no finished runs (python tests/reproduce.py run ") for r in rows)
+    assert not list((tmp_path / "figures").glob("*.png"))  # no figure without runs
